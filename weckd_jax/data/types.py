@@ -15,8 +15,8 @@ class ImageSet:
       images: uint8 array ``[N, H, W, C]`` (C = 1 or 3), already resized to the run's image size.
       labels: int32 array ``[N]`` with values in ``[0, len(class_names))``.
       class_names: one name per class, index = label.
-      groups: optional int64 array ``[N]``: a patient / ear / video id. When present, every split and
-        every chain fraction is group-disjoint.
+      groups: optional int64 array ``[N]``: a patient / ear / video id. When present, every split
+        and every chain fraction is group-disjoint.
       split: optional array ``[N]`` of strings ``"train" | "val" | "test" | ""`` fixing a user's own
         split ("" = assign automatically).
       paths: optional array ``[N]`` of strings naming where each image came from (for messages).

@@ -1,0 +1,160 @@
+"""orbax checkpoints of a link: its final (chosen-epoch) weights, and its in-training state.
+
+Layout under ``DIR/checkpoints/<name>/``:
+
+* ``final/0/`` — items ``params``, ``batch_stats`` (the weights of the epoch chosen on
+  validation) and ``meta`` (JSON). The next link restores **only** ``params`` and
+  ``batch_stats`` from here as its teacher; the directory appears atomically once the link has
+  finished.
+* ``train/<step>/`` — items ``params``, ``batch_stats``, ``opt_state``, ``best`` (weights of the
+  best epoch so far), ``meta`` (step, epoch, history) and ``data_iter`` (the grain iterator), so an
+  interrupted link resumes exactly.
+
+Restoring takes an abstract tree whose leaves carry the target sharding, so a checkpoint written on
+N devices restores on any other device count.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from weckd_jax import parallel
+
+PyTree = Any
+
+
+def final_dir(workdir: str, name: str) -> str:
+    return os.path.join(workdir, "checkpoints", name, "final")
+
+
+def train_dir(workdir: str, name: str) -> str:
+    return os.path.join(workdir, "checkpoints", name, "train")
+
+
+def _manager(directory: str, **options) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=True, **options)
+    )
+
+
+def has_final(workdir: str, name: str) -> bool:
+    """Whether link/baseline ``name`` has finished (its final checkpoint is complete)."""
+    directory = final_dir(workdir, name)
+    if not os.path.isdir(directory):
+        return False
+    with _manager(directory, read_only=True) as manager:
+        return manager.latest_step() is not None
+
+
+def save_final(workdir: str, name: str, variables: dict[str, PyTree], meta: dict) -> None:
+    """Writes the finished weights of ``name``; never overwrites a finished checkpoint."""
+    if has_final(workdir, name):
+        raise FileExistsError(f"{final_dir(workdir, name)} already holds a finished checkpoint")
+    with _manager(final_dir(workdir, name), enable_async_checkpointing=False) as manager:
+        manager.save(
+            0,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(variables["params"]),
+                batch_stats=ocp.args.StandardSave(variables["batch_stats"]),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
+        manager.wait_until_finished()
+
+
+def abstract_like(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
+    """Shape/dtype structs of ``tree`` carrying the replicated sharding of ``mesh``."""
+    sharding = parallel.replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def read_final_meta(workdir: str, name: str) -> dict:
+    """The JSON meta of a finished link (architecture, chosen epoch), without reading weights."""
+    with _manager(final_dir(workdir, name), read_only=True) as manager:
+        restored = manager.restore(0, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return restored.meta
+
+
+def restore_final(
+    workdir: str, name: str, abstract_variables: dict[str, PyTree]
+) -> tuple[dict[str, PyTree], dict]:
+    """Reads ``params`` and ``batch_stats`` (and the JSON meta) of a finished link from disk."""
+    with _manager(final_dir(workdir, name), read_only=True) as manager:
+        restored = manager.restore(
+            0,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_variables["params"]),
+                batch_stats=ocp.args.StandardRestore(abstract_variables["batch_stats"]),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+    return {"params": restored.params, "batch_stats": restored.batch_stats}, restored.meta
+
+
+class TrainCheckpoints:
+    """In-training checkpoints of one link (async writes, the newest ``keep`` kept)."""
+
+    def __init__(self, workdir: str, name: str, keep: int = 2):
+        self._manager = _manager(train_dir(workdir, name), max_to_keep=keep)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(
+        self,
+        step: int,
+        state: PyTree,
+        best: dict[str, PyTree],
+        meta: dict,
+        data_iter: grain.DatasetIterator,
+    ) -> None:
+        """Starts writing ``step`` in the background (the previous write is finished first)."""
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                batch_stats=ocp.args.StandardSave(state.batch_stats),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                best=ocp.args.StandardSave(best),
+                meta=ocp.args.JsonSave(meta),
+                data_iter=grain.checkpoint.CheckpointSave(data_iter),
+            ),
+        )
+
+    def restore(
+        self,
+        step: int,
+        abstract_state: PyTree,
+        abstract_best: dict[str, PyTree],
+        data_iter: grain.DatasetIterator,
+    ) -> tuple[dict[str, PyTree], dict[str, PyTree], dict]:
+        """Reads checkpoint ``step``: the state's arrays, the best weights and the meta; the grain
+        iterator ``data_iter`` is moved to where it was."""
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_state.params),
+                batch_stats=ocp.args.StandardRestore(abstract_state.batch_stats),
+                opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+                best=ocp.args.StandardRestore(abstract_best),
+                meta=ocp.args.JsonRestore(),
+                data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+            ),
+        )
+        arrays = {
+            "params": restored.params,
+            "batch_stats": restored.batch_stats,
+            "opt_state": restored.opt_state,
+        }
+        return arrays, restored.best, restored.meta
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

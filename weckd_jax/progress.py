@@ -1,0 +1,72 @@
+"""Console progress for a run: one line per job updated in place, and a wall-time split."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import sys
+import time
+
+
+class Timer:
+    """Accumulates wall seconds per phase: ``with timer("train"): ...``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in sorted(self.seconds.items())}
+
+
+class Progress:
+    """Prints ``name  epoch e/E  loss  val  T  images/s  ETA``; rewrites the line in place on a
+    terminal, prints one line per update otherwise (logs, CI). Silent when ``enabled`` is False
+    (every process but the first)."""
+
+    def __init__(self, enabled: bool = True, stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self.in_place = self.stream.isatty()
+        self._name, self._epochs, self._start = "", 0, 0.0
+
+    def print(self, text: str = "") -> None:
+        if self.enabled:
+            print(text, file=self.stream, flush=True)
+
+    def start(self, name: str, epochs: int) -> None:
+        self._name, self._epochs, self._start = name, epochs, time.perf_counter()
+
+    def update(self, record: dict, epoch: int) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self._start
+        eta = elapsed / epoch * (self._epochs - epoch)
+        val = record.get("val_accuracy")
+        line = (
+            f"{self._name:<18} epoch {epoch:>3}/{self._epochs}  loss {record['loss']:.3f}  "
+            f"val {'  -  ' if val is None else f'{val:.3f}'}  T {record['temperature']:.2f}  "
+            f"{record['images_per_s']:7.0f} img/s  ETA {_clock(eta)}"
+        )
+        if self.in_place:
+            self.stream.write("\r\033[K" + line)
+            self.stream.flush()
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def finish(self) -> None:
+        if self.enabled and self.in_place:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}:{secs:02d}"
