@@ -194,7 +194,13 @@ def train_job(
     meta = {"name": job.name, "spec": dataclasses.asdict(job.spec), "best_epoch": best["epoch"]}
     with timer("checkpoint"):
         checkpoints.save_final(workdir, job.name, best["variables"], meta)
-    return {"best_epoch": best["epoch"], "val": best["val"], "variables": best["variables"]}
+    return {
+        "best_epoch": best["epoch"],
+        "val": best["val"],
+        "variables": best["variables"],
+        "fingerprint": checkpoints.fingerprint(best["variables"]),
+        "teacher_fingerprints": [checkpoints.fingerprint(v) for v in teacher_vars],
+    }
 
 
 def _check_finite(name: str, epoch: int, epoch_steps: int, step_metrics: list[dict]) -> None:
@@ -327,6 +333,8 @@ def run(config, workdir: str, progress: Progress) -> dict:
                 "n_labelled": int(job.label_mask.sum()),
                 "teachers": list(job.teachers),
                 "best_epoch": out["best_epoch"],
+                "fingerprint": out["fingerprint"],
+                "teacher_fingerprints": out["teacher_fingerprints"],
                 "val": out["val"],
                 "test": test,
             }

@@ -16,11 +16,13 @@ N devices restores on any other device count.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from weckd_jax import parallel
@@ -34,6 +36,15 @@ def final_dir(workdir: str, name: str) -> str:
 
 def train_dir(workdir: str, name: str) -> str:
     return os.path.join(workdir, "checkpoints", name, "train")
+
+
+def fingerprint(variables: PyTree) -> str:
+    """SHA-256 of every leaf's bytes in tree order: equal iff the weights are bit-identical."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(variables))[0]:
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()
 
 
 def _manager(directory: str, **options) -> ocp.CheckpointManager:

@@ -1,0 +1,129 @@
+"""The chain end to end on the smoke config: files, schema, teachers from disk, no test leakage,
+determinism."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from tests.conftest import REPO, smoke_config
+from weckd_jax import chain, checkpoints
+from weckd_jax.data import pipeline
+from weckd_jax.progress import Progress
+
+METRIC_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "confusion_matrix", "ece"}
+
+
+def _without_timings(results):
+    return {k: v for k, v in results.items() if k not in ("wall_seconds", "time_split")}
+
+
+def test_results_schema_and_files(smoke_run):
+    config, workdir, results = smoke_run
+    for name in ("config.json", "metrics.jsonl", "results.json"):
+        assert os.path.isfile(os.path.join(workdir, name)), name
+    with open(os.path.join(workdir, "results.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk == json.loads(json.dumps(results))
+    assert [r["link"] for r in results["links"]] == [1, 2]
+    for record in results["links"] + list(results["baselines"].values()):
+        assert set(record["test"]) >= METRIC_KEYS and set(record["val"]) >= METRIC_KEYS
+        assert 0.0 <= record["test"]["accuracy"] <= 1.0
+        assert record["n_labelled"] <= record["n_train"]
+        assert record["backbone"] == "resnet10"
+    assert set(results["baselines"]) == {"union_supervised", "full_supervised"}
+    links = results["links"]
+    union = results["baselines"]["union_supervised"]
+    assert union["n_train"] == sum(r["n_train"] for r in links)
+    assert results["gains"]["last_minus_link_1"] == (
+        links[-1]["test"]["accuracy"] - links[0]["test"]["accuracy"]
+    )
+    assert results["data"]["split_by"] == "group"
+    assert results["data"]["source"] == "synthetic"
+    assert results["devices"] == jax.device_count() and results["processes"] == 1
+    assert results["seed"] == config.seed
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    runs = {line["run"] for line in lines}
+    assert runs == {"link_1", "link_2", "union_supervised", "full_supervised"}
+    assert len(lines) == len(runs) * config.train.epochs
+    for name in runs:
+        assert checkpoints.has_final(workdir, name)
+
+
+def test_teacher_of_link_2_is_link_1_checkpoint_on_disk(smoke_run):
+    _, workdir, results = smoke_run
+    link1, link2 = results["links"]
+    assert link1["teacher_fingerprints"] == [] and link2["teachers"] == ["link_1"]
+    spec, restored = chain._restore_finished(
+        workdir, "link_1", chain.parallel.data_mesh(), (32, 32, 3)
+    )
+    assert spec.backbone == "resnet10"
+    assert checkpoints.fingerprint(restored) == link1["fingerprint"]
+    assert link2["teacher_fingerprints"] == [link1["fingerprint"]]
+    assert link2["fingerprint"] != link1["fingerprint"]
+
+
+def test_fractions_disjoint_and_test_split_never_trained_on(tmp_path, monkeypatch):
+    config = smoke_config()
+    config.baselines.full_supervised = False
+    trained_on = []
+    original = pipeline.train_pipeline
+
+    def recording(data, index, *args, **kwargs):
+        trained_on.append(np.array(index))
+        return original(data, index, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_pipeline", recording)
+    chain.run(config, str(tmp_path), Progress(enabled=False))
+    from weckd_jax import data as data_lib
+    from weckd_jax.data.splits import make_splits
+
+    data = data_lib.load(config.data, seed=config.seed)
+    splits = make_splits(
+        data.labels,
+        data.groups,
+        val_fraction=config.data.val_fraction,
+        test_fraction=config.data.test_fraction,
+        num_fractions=config.chain.length,
+        fraction=config.chain.fraction,
+        label_ratio=config.chain.label_ratio,
+        seed=config.seed,
+    )
+    link1, link2, union = trained_on
+    assert not set(link1.tolist()) & set(link2.tolist())
+    np.testing.assert_array_equal(np.sort(union), np.sort(np.concatenate([link1, link2])))
+    for index in trained_on:
+        assert not set(index.tolist()) & set(splits.test.tolist())
+        assert not set(index.tolist()) & set(splits.val.tolist())
+        assert not set(data.groups[index].tolist()) & set(data.groups[splits.test].tolist())
+
+
+def test_same_seed_gives_identical_results(smoke_run, tmp_path):
+    config, _, first = smoke_run
+    second = chain.run(config, str(tmp_path), Progress(enabled=False))
+    assert _without_timings(second) == _without_timings(json.loads(json.dumps(first)))
+
+
+def test_launch_command_line_with_overrides(tmp_path):
+    workdir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "weckd_jax.launch",
+        "--config",
+        os.path.join(REPO, "configs", "smoke.py"),
+        "--config.chain.length=1",
+        "--config.train.epochs=1",
+        "--config.baselines.full_supervised=False",
+        f"--workdir={workdir}",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert len(results["links"]) == 1 and list(results["baselines"]) == ["union_supervised"]
+    assert "gain of the last link over link 1" in out.stdout
+    assert "test acc" in out.stdout
