@@ -133,7 +133,8 @@ def train_job(
     if len(job.teachers) > 1:
         hparams["teacher_weights"] = np.full(len(job.teachers), 1.0 / len(job.teachers))
     step_cfg = step_config(config)
-    state = train.init_state(job.spec, step_cfg, init_key, image_shape, hparams, init_variables)
+    with timer("compile"):
+        state = train.init_state(job.spec, step_cfg, init_key, image_shape, hparams, init_variables)
     state = parallel.replicate(state, mesh)
     teacher_vars = parallel.replicate(tuple(teacher_vars), mesh)
     step_fn = train.make_train_step(job.spec, tuple(teacher_specs), step_cfg, mesh)
@@ -158,18 +159,25 @@ def train_job(
         for _ in range(epoch_steps):
             with timer("data"):
                 batch = parallel.global_batch(next(batches), mesh)
-            compiling = step_fn._cache_size() == 0
-            with timer("compile" if compiling else "train"):
-                state, m = step_fn(state, teacher_vars, batch, step_key)
-                if compiling:
+            if step_fn._cache_size() == 0:
+                with timer("compile"):
+                    compile_start = time.perf_counter()
+                    state, m = step_fn(state, teacher_vars, batch, step_key)
                     jax.block_until_ready(state)
+                    epoch_start += time.perf_counter() - compile_start
+            else:
+                with timer("train"):
+                    state, m = step_fn(state, teacher_vars, batch, step_key)
             step_metrics.append(m)
         with timer("train"):
             step_metrics = jax.device_get(step_metrics)
         train_time = time.perf_counter() - epoch_start
         _check_finite(job.name, epoch, epoch_steps, step_metrics)
         summary = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-        summary["temperature"] = float(step_metrics[-1]["temperature"])
+        if job.teachers:
+            summary["temperature"] = float(step_metrics[-1]["temperature"])
+        else:  # no teacher, no distillation temperature
+            del summary["temperature"], summary["kd"], summary["at"]
         record = {"run": job.name, "epoch": epoch, "step": int(epoch * epoch_steps), **summary}
         record["images_per_s"] = epoch_steps * batch_size / max(train_time, 1e-9)
         if epoch % cfg_train.eval_every == 0 or epoch == cfg_train.epochs:

@@ -48,8 +48,9 @@ def fingerprint(variables: PyTree) -> str:
 
 
 def _manager(directory: str, **options) -> ocp.CheckpointManager:
+    options.setdefault("create", True)
     return ocp.CheckpointManager(
-        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=True, **options)
+        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(**options)
     )
 
 
@@ -58,7 +59,7 @@ def has_final(workdir: str, name: str) -> bool:
     directory = final_dir(workdir, name)
     if not os.path.isdir(directory):
         return False
-    with _manager(directory, read_only=True) as manager:
+    with _manager(directory, create=False) as manager:
         return manager.latest_step() is not None
 
 
@@ -86,7 +87,7 @@ def abstract_like(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
 
 def read_final_meta(workdir: str, name: str) -> dict:
     """The JSON meta of a finished link (architecture, chosen epoch), without reading weights."""
-    with _manager(final_dir(workdir, name), read_only=True) as manager:
+    with _manager(final_dir(workdir, name), create=False) as manager:
         restored = manager.restore(0, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return restored.meta
 
@@ -95,7 +96,7 @@ def restore_final(
     workdir: str, name: str, abstract_variables: dict[str, PyTree]
 ) -> tuple[dict[str, PyTree], dict]:
     """Reads ``params`` and ``batch_stats`` (and the JSON meta) of a finished link from disk."""
-    with _manager(final_dir(workdir, name), read_only=True) as manager:
+    with _manager(final_dir(workdir, name), create=False) as manager:
         restored = manager.restore(
             0,
             args=ocp.args.Composite(

@@ -50,9 +50,11 @@ class Progress:
         elapsed = time.perf_counter() - self._start
         eta = elapsed / epoch * (self._epochs - epoch)
         val = record.get("val_accuracy")
+        temp = record.get("temperature")
         line = (
             f"{self._name:<18} epoch {epoch:>3}/{self._epochs}  loss {record['loss']:.3f}  "
-            f"val {'  -  ' if val is None else f'{val:.3f}'}  T {record['temperature']:.2f}  "
+            f"val {'  -  ' if val is None else f'{val:.3f}'}  "
+            f"T {'  -  ' if temp is None else f'{temp:5.2f}'}  "
             f"{record['images_per_s']:7.0f} img/s  ETA {_clock(eta)}"
         )
         if self.in_place:

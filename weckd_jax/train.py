@@ -9,7 +9,6 @@ baselines of one architecture share a single compiled program.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -125,8 +124,7 @@ def init_state(
 ) -> TrainState:
     """A fresh student: random weights (or ``init_variables``), zero step, empty optimizer state."""
     if init_variables is None:
-        dummy = jnp.zeros((1, *image_shape), jnp.float32)
-        init_variables = jax.jit(functools.partial(spec.build().init, train=False))(rng, dummy)
+        init_variables = make_init(spec, tuple(image_shape))(rng)
     params = init_variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -135,6 +133,16 @@ def init_state(
         opt_state=make_optimizer(config).init(params),
         hparams={k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()},
     )
+
+
+def make_init(spec: ModelSpec, image_shape: tuple[int, int, int]) -> Callable:
+    """The jitted ``init(rng) -> {"params", "batch_stats"}`` of ``spec`` for ``image_shape``."""
+
+    def build():
+        dummy = jnp.zeros((1, *image_shape), jnp.float32)
+        return jax.jit(lambda rng: spec.build().init(rng, dummy, train=False))
+
+    return _cached(("init", spec, image_shape), build)
 
 
 def make_train_step(
