@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from weckd_jax import data as data_lib
+from weckd_jax import losses, models, parallel
+from weckd_jax.data import synthetic
+
 
 def base_config() -> ml_collections.ConfigDict:
     """All keys of a run with their defaults (the embedded otoscopy-like default run)."""
@@ -80,3 +84,129 @@ def backbones(config) -> tuple[str, ...]:
 def get_config() -> ml_collections.ConfigDict:
     """Makes this module a config file itself: the embedded default run."""
     return base_config()
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or names something that does not exist."""
+
+
+def validate(config) -> None:
+    """Checks every key a run depends on, before any data is loaded or anything compiled.
+
+    Raises:
+      ConfigError: naming the key, the bad value and the fix (the first problem found).
+    """
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    c = config
+    need(c.seed >= 0, f"seed={c.seed} must be >= 0")
+    need(
+        c.data.source in data_lib.SOURCES,
+        f"data.source={c.data.source!r} is unknown; valid: {', '.join(data_lib.SOURCES)}",
+    )
+    if c.data.source == "synthetic":
+        need(
+            c.data.modality in synthetic.MODALITIES,
+            f"data.modality={c.data.modality!r} is unknown; valid: "
+            f"{', '.join(synthetic.MODALITIES)}",
+        )
+    need(
+        0 <= c.data.val_fraction < 1 and 0 <= c.data.test_fraction < 1,
+        "data.val_fraction and data.test_fraction must be in [0, 1)",
+    )
+    need(
+        c.data.val_fraction > 0,
+        "data.val_fraction must be > 0: the best epoch of each link is chosen on validation",
+    )
+    need(
+        c.data.test_fraction > 0,
+        "data.test_fraction must be > 0: results are reported on the test split",
+    )
+    need(
+        c.data.val_fraction + c.data.test_fraction < 1,
+        f"data.val_fraction + data.test_fraction = "
+        f"{c.data.val_fraction + c.data.test_fraction:g} leaves no train pool; keep it below 1",
+    )
+    need(c.chain.length >= 1, f"chain.length={c.chain.length} must be >= 1")
+    need(
+        0 < c.chain.fraction <= 1,
+        f"chain.fraction={c.chain.fraction} must be in (0, 1] (share of the train pool per link)",
+    )
+    need(
+        c.chain.length * c.chain.fraction <= 1 + 1e-9,
+        f"chain.length x chain.fraction = {c.chain.length} x {c.chain.fraction} = "
+        f"{c.chain.length * c.chain.fraction:g} > 1: the fractions must be disjoint; "
+        f"use chain.fraction <= {1 / c.chain.length:.4g}",
+    )
+    need(
+        0 < c.chain.label_ratio <= 1,
+        f"chain.label_ratio={c.chain.label_ratio} must be in (0, 1]",
+    )
+    names = backbones(c)
+    need(
+        len(names) == c.chain.length,
+        f"model.backbone names {len(names)} backbones for chain.length={c.chain.length}; "
+        "give one name, or exactly one per link",
+    )
+    for name in names:
+        need(
+            name in models.BACKBONES,
+            f"model.backbone {name!r} is unknown; valid: {', '.join(models.BACKBONES)}",
+        )
+    need(
+        c.model.stem in models.STEMS,
+        f"model.stem={c.model.stem!r} is unknown; valid: {', '.join(models.STEMS)}",
+    )
+    for name in set(names):
+        smallest = models.min_image_size(name, c.model.stem)
+        need(
+            c.data.image_size >= smallest,
+            f"data.image_size={c.data.image_size} is too small for {name} with the "
+            f"{c.model.stem!r} stem (needs >= {smallest}); raise data.image_size or use "
+            "model.stem='small'",
+        )
+    need(c.model.width >= 1, f"model.width={c.model.width} must be >= 1")
+    need(
+        c.model.dtype in ("float32", "bfloat16"),
+        f"model.dtype={c.model.dtype!r} is unknown; valid: float32, bfloat16",
+    )
+    need(0 <= c.distill.alpha <= 1, f"distill.alpha={c.distill.alpha} must be in [0, 1]")
+    need(
+        c.distill.attention_weight >= 0,
+        f"distill.attention_weight={c.distill.attention_weight} must be >= 0 (0 turns it off)",
+    )
+    need(c.distill.attention_p > 0, f"distill.attention_p={c.distill.attention_p} must be > 0")
+    need(c.distill.t_min > 0, f"distill.t_min={c.distill.t_min} must be > 0")
+    need(
+        c.distill.t_max >= c.distill.t_min,
+        f"distill.t_max={c.distill.t_max} must be >= distill.t_min={c.distill.t_min} "
+        "(the temperature anneals from t_max down to t_min)",
+    )
+    kinds = losses.SCHEDULE_KINDS
+    need(
+        c.distill.schedule in kinds,
+        f"distill.schedule={c.distill.schedule!r} is unknown; valid: {', '.join(kinds)}",
+    )
+    need(c.train.epochs >= 1, f"train.epochs={c.train.epochs} must be >= 1")
+    need(c.train.batch_size >= 1, f"train.batch_size={c.train.batch_size} must be >= 1")
+    need(c.train.learning_rate > 0, f"train.learning_rate={c.train.learning_rate} must be > 0")
+    need(c.train.weight_decay >= 0, f"train.weight_decay={c.train.weight_decay} must be >= 0")
+    need(c.train.warmup_epochs >= 0, f"train.warmup_epochs={c.train.warmup_epochs} must be >= 0")
+    need(
+        c.train.optimizer in ("adamw", "sgd"),
+        f"train.optimizer={c.train.optimizer!r} is unknown; valid: adamw, sgd",
+    )
+    need(c.train.eval_every >= 1, f"train.eval_every={c.train.eval_every} must be >= 1")
+    need(c.train.max_shift >= 0, f"train.max_shift={c.train.max_shift} must be >= 0")
+    need(
+        0 <= c.train.label_smoothing < 1,
+        f"train.label_smoothing={c.train.label_smoothing} must be in [0, 1)",
+    )
+    for key in ("batch_size", "eval_batch_size"):
+        try:
+            parallel.check_batch_size(c.train[key], f"train.{key}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None

@@ -5,12 +5,16 @@ Flags:
                  any key can be overridden: ``--config.chain.length=4 --config.seed=1``.
   --workdir      where checkpoints, ``metrics.jsonl``, ``results.json`` go
                  (default: a new folder under ``runs/``).
+
+A mistake in the config or the data stops the run before anything is compiled, with one message
+naming the problem and the fix, and exit code 2.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -25,6 +29,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: a new one under runs/).")
 
+USER_ERRORS = (config_lib.ConfigError,)
+
 
 def default_workdir(config_path: str) -> str:
     stem = os.path.splitext(os.path.basename(config_path))[0]
@@ -32,18 +38,44 @@ def default_workdir(config_path: str) -> str:
     return os.path.join("runs", f"{stamp}-{stem}")
 
 
+def fail(message: str) -> None:
+    """Prints a user error without a traceback and exits with status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with an unknown ``--config.key`` reported plainly."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        # ml_collections raises these when an override names a key the config does not have.
+        key = str(e).strip("\"'")
+        bad = [a for a in argv if a.startswith("--config.") and re.search(rf"\b{key}\b", a)]
+        fail(
+            f"unknown config key in {' '.join(bad) or key!r}: the config has no such key. "
+            "All keys and their defaults are listed in weckd_jax/config.py."
+        )
+    except flags.Error as e:
+        fail(f"{e}\nRun with --helpfull to list the flags.")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(
         config_flags.get_config_filename(flags.FLAGS["config"])
     )
-    progress = Progress()
-    progress.print(f"workdir: {workdir}")
-    chain.run(config, workdir, progress)
+    try:
+        config_lib.validate(config)
+        progress = Progress()
+        progress.print(f"workdir: {workdir}")
+        chain.run(config, workdir, progress)
+    except USER_ERRORS as e:
+        fail(str(e))
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    app.run(main, flags_parser=parse_flags)

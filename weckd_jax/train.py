@@ -124,7 +124,8 @@ def init_state(
 ) -> TrainState:
     """A fresh student: random weights (or ``init_variables``), zero step, empty optimizer state."""
     if init_variables is None:
-        init_variables = make_init(spec, tuple(image_shape))(rng)
+        dummy = jnp.zeros((1, *image_shape), jnp.float32)
+        init_variables = models.init_variables(spec.build(), rng, dummy)
     params = init_variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -133,16 +134,6 @@ def init_state(
         opt_state=make_optimizer(config).init(params),
         hparams={k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()},
     )
-
-
-def make_init(spec: ModelSpec, image_shape: tuple[int, int, int]) -> Callable:
-    """The jitted ``init(rng) -> {"params", "batch_stats"}`` of ``spec`` for ``image_shape``."""
-
-    def build():
-        dummy = jnp.zeros((1, *image_shape), jnp.float32)
-        return jax.jit(lambda rng: spec.build().init(rng, dummy, train=False))
-
-    return _cached(("init", spec, image_shape), build)
 
 
 def make_train_step(
