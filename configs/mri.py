@@ -6,5 +6,4 @@ from weckd_jax.config import base_config
 def get_config():
     c = base_config()
     c.data.modality = "mri"
-    c.train.flip = True  # left-right flips are anatomically plausible for axial slices
     return c

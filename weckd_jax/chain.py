@@ -98,11 +98,13 @@ def train_job(
     workdir: str,
     progress: Progress,
     timer: Timer,
-    metrics_log,
-) -> dict:
-    """Trains ``job``, keeps the epoch with the best validation accuracy, saves it and returns its
-    result record (validation metrics of the chosen epoch and the training history)."""
-    cfg_train, cfg_distill = config.train, config.distill
+) -> None:
+    """Trains ``job`` and saves the epoch with the best validation accuracy as its final checkpoint.
+
+    Checkpoints every ``train.checkpoint_every`` steps and at each epoch end; when the job's train
+    checkpoints already exist (an interrupted run), it continues from the newest one exactly.
+    """
+    cfg_train = config.train
     base_key = jax.random.fold_in(jax.random.key(config.seed), job.index)
     init_key, step_key = jax.random.split(base_key)
     batch_size = cfg_train.batch_size
@@ -111,34 +113,25 @@ def train_job(
     image_shape = data.images.shape[1:]
 
     with timer("checkpoint"):
-        teacher_specs, teacher_vars = [], []
-        for name in job.teachers:
-            spec, variables = _restore_finished(workdir, name, mesh, image_shape)
-            teacher_specs.append(spec)
-            teacher_vars.append(variables)
+        teachers = [_restore_finished(workdir, name, mesh, image_shape) for name in job.teachers]
         init_variables = None
         if job.init_from is not None:
             _, init_variables = _restore_finished(workdir, job.init_from, mesh, image_shape)
+    teacher_specs = tuple(spec for spec, _ in teachers)
+    teacher_vars = parallel.replicate(tuple(v for _, v in teachers), mesh)
 
-    hparams = {
-        "learning_rate": cfg_train.learning_rate,
-        "weight_decay": cfg_train.weight_decay,
-        "warmup_steps": cfg_train.warmup_epochs * epoch_steps,
-        "total_steps": total_steps,
-        "alpha": cfg_distill.alpha,
-        "beta": cfg_distill.attention_weight,
-        "t_max": cfg_distill.t_max,
-        "t_min": cfg_distill.t_min,
-    }
-    if len(job.teachers) > 1:
-        hparams["teacher_weights"] = np.full(len(job.teachers), 1.0 / len(job.teachers))
     step_cfg = step_config(config)
     with timer("compile"):
-        state = train.init_state(job.spec, step_cfg, init_key, image_shape, hparams, init_variables)
+        state = train.init_state(
+            job.spec,
+            step_cfg,
+            init_key,
+            image_shape,
+            _hparams(config, job, epoch_steps),
+            init_variables,
+        )
     state = parallel.replicate(state, mesh)
-    teacher_vars = parallel.replicate(tuple(teacher_vars), mesh)
-    step_fn = train.make_train_step(job.spec, tuple(teacher_specs), step_cfg, mesh)
-
+    step_fn = train.make_train_step(job.spec, teacher_specs, step_cfg, mesh)
     dataset = pipeline.train_pipeline(
         data,
         job.train_index,
@@ -149,77 +142,158 @@ def train_job(
     )
     batches = iter(dataset.to_iter_dataset())
 
-    best = {"accuracy": -1.0, "nll": np.inf, "epoch": 0, "variables": None, "val": None}
-    history = []
-    eval_kw = {"batch_size": config.train.eval_batch_size, "mesh": mesh}
+    # Host-side loop state, saved with every checkpoint (JSON) next to the arrays.
+    loop = {
+        "best_epoch": 0,
+        "best_accuracy": -1.0,
+        "best_nll": None,
+        "best_val": None,
+        "epoch_metrics": [],
+    }
+    best_variables = state.variables
+    saver = checkpoints.TrainCheckpoints(workdir, job.name)
+    start = saver.latest_step()
+    if start is not None:
+        with timer("checkpoint"):
+            arrays, best_variables, loop = saver.restore(
+                start,
+                checkpoints.abstract_like(state, mesh),
+                checkpoints.abstract_like(state.variables, mesh),
+                batches,
+            )
+        state = state.replace(step=parallel.replicate(np.int32(start), mesh), **arrays)
+        _drop_logged_after(workdir, job.name, start)
+        progress.print(f"{job.name}: resuming from step {start} of {total_steps}")
+
+    eval_kw = {"batch_size": cfg_train.eval_batch_size, "mesh": mesh}
     progress.start(job.name, cfg_train.epochs)
-    for epoch in range(1, cfg_train.epochs + 1):
-        epoch_start = time.perf_counter()
-        step_metrics = []
-        for _ in range(epoch_steps):
-            with timer("data"):
-                batch = parallel.global_batch(next(batches), mesh)
-            if step_fn._cache_size() == 0:
-                with timer("compile"):
-                    compile_start = time.perf_counter()
-                    state, m = step_fn(state, teacher_vars, batch, step_key)
-                    jax.block_until_ready(state)
-                    epoch_start += time.perf_counter() - compile_start
-            else:
-                with timer("train"):
-                    state, m = step_fn(state, teacher_vars, batch, step_key)
-            step_metrics.append(m)
+    pending, window_start = [], time.perf_counter()
+    for step in range(start or 0, total_steps):
+        with timer("data"):
+            batch = parallel.global_batch(next(batches), mesh)
+        if step_fn._cache_size() == 0:
+            with timer("compile"):
+                compile_start = time.perf_counter()
+                state, m = step_fn(state, teacher_vars, batch, step_key)
+                jax.block_until_ready(state)
+                window_start += time.perf_counter() - compile_start
+        else:
+            with timer("train"):
+                state, m = step_fn(state, teacher_vars, batch, step_key)
+        pending.append(m)
+        done = step + 1
+        epoch_end = done % epoch_steps == 0
+        if not (epoch_end or done % cfg_train.checkpoint_every == 0):
+            continue
         with timer("train"):
-            step_metrics = jax.device_get(step_metrics)
-        train_time = time.perf_counter() - epoch_start
-        _check_finite(job.name, epoch, epoch_steps, step_metrics)
-        summary = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-        if job.teachers:
-            summary["temperature"] = float(step_metrics[-1]["temperature"])
-        else:  # no teacher, no distillation temperature
-            del summary["temperature"], summary["kd"], summary["at"]
-        record = {"run": job.name, "epoch": epoch, "step": int(epoch * epoch_steps), **summary}
-        record["images_per_s"] = epoch_steps * batch_size / max(train_time, 1e-9)
-        if epoch % cfg_train.eval_every == 0 or epoch == cfg_train.epochs:
-            with timer("eval"):
-                _, val = evaluate(job.spec, state.variables, data, splits.val, **eval_kw)
-            record["val_accuracy"] = val["accuracy"]
-            record["val_nll"] = val["nll"]
-            if (val["accuracy"], -val["nll"]) > (best["accuracy"], -best["nll"]):
-                best.update(
-                    accuracy=val["accuracy"],
-                    nll=val["nll"],
-                    epoch=epoch,
-                    variables=jax.tree.map(lambda x: x.copy(), state.variables),
-                    val=val,
-                )
-        history.append(record)
-        metrics_log.write(json.dumps(record) + "\n")
-        metrics_log.flush()
-        progress.update(record, epoch)
+            fetched = jax.device_get(pending)
+        _check_finite(job.name, epoch_steps, done - len(fetched), fetched)
+        loop["epoch_metrics"] += [{k: float(v) for k, v in f.items()} for f in fetched]
+        throughput = len(pending) * batch_size / max(time.perf_counter() - window_start, 1e-9)
+        pending = []
+        if epoch_end:
+            epoch = done // epoch_steps
+            record = _epoch_record(job, epoch, done, loop["epoch_metrics"], throughput)
+            loop["epoch_metrics"] = []
+            if epoch % cfg_train.eval_every == 0 or epoch == cfg_train.epochs:
+                with timer("eval"):
+                    _, val = evaluate(job.spec, state.variables, data, splits.val, **eval_kw)
+                record["val_accuracy"], record["val_nll"] = val["accuracy"], val["nll"]
+                if _better(val, loop):
+                    loop.update(
+                        best_epoch=epoch,
+                        best_accuracy=val["accuracy"],
+                        best_nll=val["nll"],
+                        best_val=val,
+                    )
+                    best_variables = jax.tree.map(lambda x: x.copy(), state.variables)
+        with timer("checkpoint"):
+            saver.save(done, state, best_variables, loop, batches)
+        if epoch_end:
+            _log_metrics(workdir, record)
+            progress.update(record, epoch)
+        window_start = time.perf_counter()
     progress.finish()
 
-    meta = {"name": job.name, "spec": dataclasses.asdict(job.spec), "best_epoch": best["epoch"]}
-    with timer("checkpoint"):
-        checkpoints.save_final(workdir, job.name, best["variables"], meta)
-    return {
-        "best_epoch": best["epoch"],
-        "val": best["val"],
-        "variables": best["variables"],
-        "fingerprint": checkpoints.fingerprint(best["variables"]),
+    meta = {
+        "name": job.name,
+        "spec": dataclasses.asdict(job.spec),
+        "best_epoch": loop["best_epoch"],
+        "val": loop["best_val"],
         "teacher_fingerprints": [checkpoints.fingerprint(v) for v in teacher_vars],
     }
+    with timer("checkpoint"):
+        saver.wait()
+        saver.close()
+        checkpoints.save_final(workdir, job.name, best_variables, meta)
 
 
-def _check_finite(name: str, epoch: int, epoch_steps: int, step_metrics: list[dict]) -> None:
+def _hparams(config, job: Job, epoch_steps: int) -> dict:
+    """The float hyper-parameters the train step reads from its state."""
+    hparams = {
+        "learning_rate": config.train.learning_rate,
+        "weight_decay": config.train.weight_decay,
+        "warmup_steps": config.train.warmup_epochs * epoch_steps,
+        "total_steps": config.train.epochs * epoch_steps,
+        "alpha": config.distill.alpha,
+        "beta": config.distill.attention_weight,
+        "t_max": config.distill.t_max,
+        "t_min": config.distill.t_min,
+    }
+    if len(job.teachers) > 1:
+        hparams["teacher_weights"] = np.full(len(job.teachers), 1.0 / len(job.teachers))
+    return hparams
+
+
+def _better(val: dict, loop: dict) -> bool:
+    """Higher validation accuracy wins; equal accuracy is broken by lower NLL."""
+    if loop["best_nll"] is None:
+        return True
+    return (val["accuracy"], -val["nll"]) > (loop["best_accuracy"], -loop["best_nll"])
+
+
+def _epoch_record(job: Job, epoch: int, step: int, step_metrics: list[dict], throughput) -> dict:
+    """The ``metrics.jsonl`` line of one epoch: means of the step metrics."""
+    summary = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+    if job.teachers:
+        summary["temperature"] = step_metrics[-1]["temperature"]
+    else:  # no teacher, no distillation terms
+        for key in ("temperature", "kd", "at"):
+            del summary[key]
+    return {"run": job.name, "epoch": epoch, "step": step, **summary, "images_per_s": throughput}
+
+
+def _log_metrics(workdir: str, record: dict) -> None:
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _drop_logged_after(workdir: str, name: str, step: int) -> None:
+    """Removes ``name``'s metrics lines past ``step`` (logged before a kill, then rolled back)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [
+        line
+        for line in lines
+        if not (json.loads(line)["run"] == name and json.loads(line)["step"] > step)
+    ]
+    files.write_text(path, "".join(kept))
+
+
+def _check_finite(name: str, epoch_steps: int, first_step: int, step_metrics: list) -> None:
+    """Stops the job at the first step whose loss or gradient was NaN/Inf."""
     for i, m in enumerate(step_metrics):
         if m["nonfinite"] > 0:
-            step = (epoch - 1) * epoch_steps + i + 1
+            step = first_step + i + 1
+            epoch = (step - 1) // epoch_steps + 1
             raise DivergenceError(
                 f"{name}: the loss or the gradients became NaN/Inf at epoch {epoch}, step {step} "
                 f"(loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}). The update was "
                 "skipped and the last checkpoint is intact; lower train.learning_rate or "
-                "distill.t_min / raise train.warmup_epochs and start a new workdir."
+                "raise distill.t_min or train.warmup_epochs, and start a new workdir."
             )
 
 
@@ -319,9 +393,15 @@ def run(config, workdir: str, progress: Progress) -> dict:
     eval_kw = {"batch_size": config.train.eval_batch_size, "mesh": mesh}
 
     records = {}
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as metrics_log:
-        for job in jobs:
-            out = train_job(
+    for job in jobs:
+        record_path = os.path.join(workdir, "jobs", f"{job.name}.json")
+        if os.path.exists(record_path):
+            with open(record_path) as f:
+                records[job.name] = json.load(f)
+            progress.print(f"{job.name}: finished earlier, results reloaded")
+            continue
+        if not checkpoints.has_final(workdir, job.name):
+            train_job(
                 job,
                 config=config,
                 data=data,
@@ -330,22 +410,27 @@ def run(config, workdir: str, progress: Progress) -> dict:
                 workdir=workdir,
                 progress=progress,
                 timer=timer,
-                metrics_log=metrics_log,
             )
-            with timer("eval"):
-                _, test = evaluate(job.spec, out["variables"], data, splits.test, **eval_kw)
-            records[job.name] = {
-                "name": job.name,
-                "backbone": job.spec.backbone,
-                "n_train": int(len(job.train_index)),
-                "n_labelled": int(job.label_mask.sum()),
-                "teachers": list(job.teachers),
-                "best_epoch": out["best_epoch"],
-                "fingerprint": out["fingerprint"],
-                "teacher_fingerprints": out["teacher_fingerprints"],
-                "val": out["val"],
-                "test": test,
-            }
+        # The test split is touched once per model, on the weights as saved on disk.
+        with timer("checkpoint"):
+            _, variables = _restore_finished(workdir, job.name, mesh, data.images.shape[1:])
+            meta = checkpoints.read_final_meta(workdir, job.name)
+        with timer("eval"):
+            _, test = evaluate(job.spec, variables, data, splits.test, **eval_kw)
+        records[job.name] = {
+            "name": job.name,
+            "backbone": job.spec.backbone,
+            "n_train": int(len(job.train_index)),
+            "n_labelled": int(job.label_mask.sum()),
+            "teachers": list(job.teachers),
+            "best_epoch": meta["best_epoch"],
+            "fingerprint": checkpoints.fingerprint(variables),
+            "teacher_fingerprints": meta["teacher_fingerprints"],
+            "val": meta["val"],
+            "test": test,
+        }
+        if writer:
+            files.write_json(record_path, records[job.name])
 
     links = [
         {"link": job.index, "fraction": config.chain.fraction, **records[job.name]}
@@ -364,9 +449,11 @@ def run(config, workdir: str, progress: Progress) -> dict:
         "seed": config.seed,
         "devices": jax.device_count(),
         "processes": jax.process_count(),
-        "compiles": train.compile_count(),
-        "time_split": timer.as_dict(),
-        "wall_seconds": round(time.perf_counter() - start, 3),
+        "runtime": {  # differs between an interrupted and an uninterrupted run
+            "wall_seconds": round(time.perf_counter() - start, 3),
+            "time_split": timer.as_dict(),
+            "compiles": train.compile_count(),
+        },
     }
     if writer:
         files.write_json(os.path.join(workdir, "results.json"), results)

@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.max_shift = 4  # pixels
     c.train.intensity = 0.1
     c.train.eval_every = 1  # validate every this many epochs (the best one is kept)
+    c.train.checkpoint_every = 200  # steps between checkpoints (and at every epoch end)
 
     c.baselines = ml_collections.ConfigDict()
     c.baselines.union_supervised = True  # one backbone on the union of the fractions
@@ -200,6 +201,10 @@ def validate(config) -> None:
         f"train.optimizer={c.train.optimizer!r} is unknown; valid: adamw, sgd",
     )
     need(c.train.eval_every >= 1, f"train.eval_every={c.train.eval_every} must be >= 1")
+    need(
+        c.train.checkpoint_every >= 1,
+        f"train.checkpoint_every={c.train.checkpoint_every} must be >= 1",
+    )
     need(c.train.max_shift >= 0, f"train.max_shift={c.train.max_shift} must be >= 0")
     need(
         0 <= c.train.label_smoothing < 1,

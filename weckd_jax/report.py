@@ -82,4 +82,6 @@ def print_results(progress, results: dict) -> None:
     if "last_minus_union_supervised" in g:
         line += f"; over the union baseline: {100 * g['last_minus_union_supervised']:+.1f} points"
     progress.print(line)
-    progress.print(f"wall time {results['wall_seconds']:.0f} s, split: {results['time_split']}")
+    runtime = results["runtime"]
+    split = ", ".join(f"{k} {v:.1f}" for k, v in runtime["time_split"].items())
+    progress.print(f"wall time {runtime['wall_seconds']:.0f} s ({split})")
