@@ -17,8 +17,8 @@ import jax
 import numpy as np
 
 from weckd_jax import checkpoints, files, metrics, parallel, report, train
+from weckd_jax import config as config_lib
 from weckd_jax import data as data_lib
-from weckd_jax.config import backbones as cfg_backbones
 from weckd_jax.data import pipeline
 from weckd_jax.data.splits import Splits, make_splits
 from weckd_jax.data.types import ImageSet
@@ -310,7 +310,7 @@ def _restore_finished(
 
 def plan_jobs(config, splits: Splits, num_classes: int) -> list[Job]:
     """The links of the chain, then the enabled baselines, in training order."""
-    names = cfg_backbones(config)
+    names = config_lib.backbones(config)
     specs = [
         train.ModelSpec(
             backbone=name,
@@ -365,14 +365,31 @@ def plan_jobs(config, splits: Splits, num_classes: int) -> list[Job]:
     return jobs
 
 
+def bind_workdir(config, workdir: str, writer: bool) -> None:
+    """Writes ``config.json`` into a new workdir; in an existing one, refuses a changed config."""
+    path = os.path.join(workdir, "config.json")
+    current = json.loads(config.to_json_best_effort())
+    if os.path.exists(path):
+        with open(path) as f:
+            changed = config_lib.differences(json.load(f), current)
+        if changed:
+            raise config_lib.ConfigError(
+                f"{workdir} holds a run with another config; resuming it would mix two "
+                "experiments. Differences (saved -> now):\n  " + "\n  ".join(changed) + "\n"
+                "Use a new --workdir for the new config, or rerun with the saved one "
+                f"({path})."
+            )
+    elif writer:
+        os.makedirs(workdir, exist_ok=True)
+        files.write_json(path, current)
+
+
 def run(config, workdir: str, progress: Progress) -> dict:
     """Runs the chain and its baselines in ``workdir``; returns (and writes) ``results.json``."""
     start = time.perf_counter()
     timer = Timer()
     writer = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    if writer:
-        files.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    bind_workdir(config, workdir, writer)
 
     with timer("data"):
         data = data_lib.load(config.data, seed=config.seed)

@@ -215,3 +215,29 @@ def validate(config) -> None:
             parallel.check_batch_size(c.train[key], f"train.{key}")
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+
+# Keys that change nothing a run computes, so a workdir may be resumed with other values.
+HARMLESS_KEYS = frozenset({"train.checkpoint_every"})
+
+
+def differences(saved: dict, current: dict) -> list[str]:
+    """``key: saved -> current`` for every key whose value differs (harmless keys excepted)."""
+
+    def flatten(tree: dict, prefix: str = "") -> dict:
+        flat = {}
+        for key, value in tree.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict):
+                flat.update(flatten(value, path + "."))
+            else:
+                flat[path] = value
+        return flat
+
+    old, new = flatten(saved), flatten(current)
+    missing = object()
+    return [
+        f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
+        for key in sorted(old.keys() | new.keys())
+        if key not in HARMLESS_KEYS and old.get(key, missing) != new.get(key, missing)
+    ]
