@@ -1,0 +1,961 @@
+"""Pure, per-example loss functions for (chained, weakly-supervised) knowledge distillation.
+
+This module is a small library in the style of :mod:`optax.losses`. It depends only on ``jax``,
+``jax.numpy`` and ``chex`` (no Flax, no Optax), so any JAX project can import it.
+
+Conventions shared by every function:
+
+* **Per-example outputs.** Losses return one value per example, shape ``[B]`` (more generally
+  the batch shape: any number of leading batch dimensions is accepted, so ``jax.vmap`` over
+  examples works). Reduce them yourself, e.g. with :func:`masked_mean`.
+* **``where`` masks.** An optional boolean ``where`` of the batch shape selects the examples that
+  count. Masked-out examples give exactly ``0`` and a zero gradient, even when their inputs are
+  ``inf``/``NaN`` (their inputs are replaced before any arithmetic, so nothing leaks into
+  gradients).
+* **Keyword-only hyper-parameters**, validated at trace time: shape checks cost nothing under
+  ``jit``. Values (temperature, weights, ...) are checked when they are concrete Python/NumPy
+  numbers; traced values (e.g. a temperature from a schedule inside ``jit``) cannot be checked.
+* **Precision.** Inputs in a low-precision float (bf16/fp16) are computed in float32;
+  float64 inputs stay float64.
+
+Functions:
+
+* :func:`cross_entropy` -- softmax cross-entropy with integer labels and label smoothing.
+* :func:`kd_kl` -- Hinton distillation, ``T^2 KL(softmax(t/T) || softmax(s/T))``.
+* :func:`kd_kl_multi` -- weighted sum of :func:`kd_kl` over several teachers (dense chain).
+* :func:`attention_map` -- Zagoruyko-Komodakis spatial attention of an NHWC feature map.
+* :func:`attention_transfer` -- squared L2 distance between normalised attention maps.
+* :func:`temperature_schedule` -- constant / linear / cosine temperature annealing.
+* :func:`weckd_loss` -- the WeCKD objective: CE on labelled examples, KD (all examples) and AT.
+* :func:`masked_mean` -- mean over the counted examples (0 for an all-masked batch).
+
+Example::
+
+  >>> import jax.numpy as jnp
+  >>> from weckd_jax import losses
+  >>> s = jnp.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+  >>> t = jnp.array([[3.0, 0.0, -2.0], [0.0, 0.0, 2.0]])
+  >>> loss, parts = losses.weckd_loss(
+  ...     s, jnp.array([0, -1]), label_mask=jnp.array([True, False]),
+  ...     teacher_logits=t, alpha=0.5, temperature=2.0)
+  >>> loss.shape, sorted(parts)
+  ((2,), ['at', 'ce', 'kd'])
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "attention_map",
+    "attention_transfer",
+    "cross_entropy",
+    "kd_kl",
+    "kd_kl_multi",
+    "masked_mean",
+    "temperature_schedule",
+    "weckd_loss",
+]
+
+ScalarLike = float | int | chex.Array
+Schedule = Callable[[chex.Numeric], chex.Array]
+
+SCHEDULE_KINDS = ("constant", "linear", "cosine")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers (trace-time validation, dtype handling, masking)
+# --------------------------------------------------------------------------------------------
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(jnp.shape(x))
+
+
+def _concrete(x: Any) -> float | None:
+    """``float(x)`` when ``x`` is a concrete scalar, ``None`` when it is traced."""
+    try:
+        return float(x)
+    except jax.errors.ConcretizationTypeError:
+        return None
+
+
+def _float(x: chex.Array) -> chex.Array:
+    """Cast to a float dtype of at least 32 bits (bf16/fp16/int -> f32, f64 stays f64)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _check_scalar(name: str, value: Any) -> None:
+    if _shape(value) != ():
+        raise ValueError(f"{name} must be a scalar, got an array of shape {_shape(value)}.")
+
+
+def _check_temperature(temperature: ScalarLike) -> None:
+    _check_scalar("temperature", temperature)
+    t = _concrete(temperature)
+    if t is not None and not (t > 0 and math.isfinite(t)):
+        raise ValueError(
+            f"temperature must be a finite number > 0, got {t}. Pass a positive temperature "
+            "(1.0 = no softening; Hinton et al. use 2-20)."
+        )
+
+
+def _check_logits(name: str, logits: chex.Array) -> None:
+    if jnp.ndim(logits) < 1:
+        raise ValueError(
+            f"{name} must have shape [B, K] (batch, classes), got a scalar. Pass one row of "
+            "class scores per example."
+        )
+
+
+def _check_where(where: chex.Array | None, batch_shape: tuple[int, ...]) -> chex.Array | None:
+    if where is None:
+        return None
+    if _shape(where) != batch_shape:
+        raise ValueError(
+            f"where must be a boolean mask of the batch shape {batch_shape}, got shape "
+            f"{_shape(where)}. Pass one True/False per example."
+        )
+    return where  # Cast to bool inside the jitted cores (no eager op here).
+
+
+def _as_bool(where: chex.Array | None) -> chex.Array | None:
+    return None if where is None else jnp.asarray(where).astype(bool)
+
+
+def _mask_rows(x: chex.Array, where: chex.Array | None) -> chex.Array:
+    """Replace masked-out examples of ``x`` (shape ``batch + trailing``) by zeros.
+
+    Done *before* any arithmetic so that ``inf``/``NaN`` in masked-out examples cannot turn the
+    zero cotangent of the outer ``jnp.where`` into ``NaN`` (the "double where" trick).
+    """
+    if where is None:
+        return x
+    w = where.reshape(where.shape + (1,) * (x.ndim - where.ndim))
+    return jnp.where(w, x, jnp.zeros((), x.dtype))
+
+
+def _apply_where(values: chex.Array, where: chex.Array | None) -> chex.Array:
+    if where is None:
+        return values
+    return jnp.where(where, values, jnp.zeros((), values.dtype))
+
+
+def _check_p(p: Any) -> None:
+    try:
+        ok = float(p) >= 1 and math.isfinite(float(p))
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"p must be a Python number >= 1, got {p!r}. p < 1 makes |F|^p non-differentiable at "
+            "the zeros that ReLU features are full of (infinite gradient); Zagoruyko & Komodakis "
+            "use p=2."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-entropy
+# --------------------------------------------------------------------------------------------
+
+
+def cross_entropy(
+    logits: chex.Array,
+    labels: chex.Array,
+    *,
+    where: chex.Array | None = None,
+    label_smoothing: float = 0.0,
+) -> chex.Array:
+    r"""Softmax cross-entropy with integer labels and optional label smoothing, per example.
+
+    .. math::
+        \mathrm{CE}_i = -\sum_k q_{ik} \log \mathrm{softmax}(z_i)_k, \qquad
+        q_i = (1-\varepsilon)\,\mathrm{onehot}(y_i) + \varepsilon / K
+
+    which equals ``optax.losses.softmax_cross_entropy(logits,
+    optax.smooth_labels(one_hot(labels), eps))``.
+
+    Args:
+      logits: ``[B, K]`` unnormalised class scores (any leading batch shape ``[..., K]``).
+      labels: ``[B]`` integer class indices in ``[0, K)``. Values at masked-out positions
+        (``where`` False) are ignored and may be anything, e.g. ``-1``. An out-of-range label
+        at a *counted* position gives ``NaN`` (loudly; an error cannot be raised inside ``jit``).
+        Negative labels are never wrapped around.
+      where: optional bool ``[B]``; masked-out examples give 0 and zero gradient.
+      label_smoothing: ``eps`` in ``[0, 1)``.
+
+    Returns:
+      ``[B]`` per-example losses.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> cross_entropy(jnp.array([[0.0, 0.0]]), jnp.array([1]))  # log 2
+      Array([0.6931472], dtype=float32)
+    """
+    _check_logits("logits", logits)
+    _check_labels(logits, labels)
+    ls = _concrete(label_smoothing)
+    if ls is None or not 0.0 <= ls < 1.0:
+        raise ValueError(
+            f"label_smoothing must be a Python number in [0, 1), got {label_smoothing!r}."
+        )
+    where = _check_where(where, _shape(logits)[:-1])
+    return _cross_entropy_core(logits, labels, where, label_smoothing=ls)
+
+
+def _check_labels(logits: chex.Array, labels: chex.Array) -> None:
+    batch_shape = _shape(logits)[:-1]
+    if _shape(labels) != batch_shape:
+        hint = ""
+        if _shape(labels) == _shape(logits):
+            hint = " They look one-hot: pass integer class indices, e.g. labels.argmax(-1)."
+        raise ValueError(
+            f"labels must have shape {batch_shape} (one integer per example of logits with shape "
+            f"{_shape(logits)}), got {_shape(labels)}.{hint}"
+        )
+    dtype = labels.dtype if hasattr(labels, "dtype") else jnp.asarray(labels).dtype
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(
+            f"labels must be integer class indices, got dtype {dtype}. "
+            "Cast with labels.astype(jnp.int32)."
+        )
+
+
+# The numeric cores are jitted (validation stays outside, in Python): eager calls then compile
+# once per shape instead of once per primitive, and under an outer jit they are simply inlined.
+@functools.partial(jax.jit, static_argnames=("label_smoothing",))
+def _cross_entropy_core(
+    logits: chex.Array, labels: chex.Array, where: chex.Array | None, label_smoothing: float
+) -> chex.Array:
+    ls = label_smoothing
+    where = _as_bool(where)
+    logits = _mask_rows(_float(logits), where)
+    if where is not None:
+        labels = jnp.where(where, labels, 0)
+    valid = (labels >= 0) & (labels < logits.shape[-1])
+    safe_labels = jnp.where(valid, labels, 0)
+
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_p, safe_labels[..., None], axis=-1)[..., 0]
+    # (1-eps) * NLL + eps * mean_k(-log p_k)  ==  -sum_k q_k log p_k.
+    loss = (1.0 - ls) * nll - ls * jnp.mean(log_p, axis=-1) if ls > 0.0 else nll
+    loss = jnp.where(valid, loss, jnp.full((), jnp.nan, loss.dtype))
+    return _apply_where(loss, where)
+
+
+# --------------------------------------------------------------------------------------------
+# Knowledge distillation
+# --------------------------------------------------------------------------------------------
+
+
+def kd_kl(
+    student_logits: chex.Array,
+    teacher_logits: chex.Array,
+    *,
+    temperature: ScalarLike,
+    where: chex.Array | None = None,
+) -> chex.Array:
+    r"""Hinton knowledge-distillation loss, per example.
+
+    .. math::
+        \mathrm{KD}_i = T^2 \, \mathrm{KL}\big(\mathrm{softmax}(t_i/T) \,\|\,
+        \mathrm{softmax}(s_i/T)\big)
+        = T^2 \sum_k p^t_{ik} \big(\log p^t_{ik} - \log p^s_{ik}\big)
+
+    The ``T^2`` factor keeps gradient magnitudes comparable across temperatures (Hinton et al.,
+    2015). Computed from log-softmax, so it stays finite for logits of magnitude ``1e4``, and it
+    is exactly ``0`` when the student and teacher logits are equal. The teacher is under
+    ``stop_gradient``: gradients flow to the student only.
+
+    Args:
+      student_logits: ``[B, K]`` (any leading batch shape).
+      teacher_logits: ``[B, K]``, same shape.
+      temperature: scalar ``T > 0``; a Python float or a traced scalar (e.g. from
+        :func:`temperature_schedule` inside ``jit``). Only a concrete value can be checked.
+      where: optional bool ``[B]``; masked-out examples give 0 and zero gradient.
+
+    Returns:
+      ``[B]`` per-example losses (>= 0 up to rounding).
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> s = jnp.array([[1.0, 2.0, 3.0]])
+      >>> float(kd_kl(s, s, temperature=4.0)[0])
+      0.0
+    """
+    _check_kd_pair(student_logits, teacher_logits)
+    _check_temperature(temperature)
+    where = _check_where(where, _shape(student_logits)[:-1])
+    return _kd_kl_core(student_logits, teacher_logits, temperature, where)
+
+
+def _check_kd_pair(student_logits: chex.Array, teacher_logits: chex.Array) -> None:
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_logits", teacher_logits)
+    if _shape(student_logits) != _shape(teacher_logits):
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same shape [B, K], got "
+            f"{_shape(student_logits)} and {_shape(teacher_logits)}. The teacher and student "
+            "must see the same batch and predict the same classes."
+        )
+
+
+@jax.jit
+def _kd_kl_core(
+    student_logits: chex.Array,
+    teacher_logits: chex.Array,
+    temperature: ScalarLike,
+    where: chex.Array | None,
+) -> chex.Array:
+    where = _as_bool(where)
+    s = _mask_rows(_float(student_logits), where)
+    t = _mask_rows(_float(jax.lax.stop_gradient(teacher_logits)), where)
+    temp = jnp.asarray(temperature, s.dtype)
+    log_ps = jax.nn.log_softmax(s / temp, axis=-1)
+    log_pt = jax.nn.log_softmax(t / temp, axis=-1)
+    kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
+    return _apply_where(temp * temp * kl, where)
+
+
+def _teacher_list(
+    teacher_logits: chex.Array | Sequence[chex.Array], student_ndim: int, name: str
+) -> list[chex.Array]:
+    """A sequence of teacher logits, or a stacked ``[J, B, K]`` array, as a list of ``[B, K]``."""
+    if isinstance(teacher_logits, list | tuple):
+        teachers = list(teacher_logits)
+    elif jnp.ndim(teacher_logits) == student_ndim + 1:
+        teachers = [teacher_logits[j] for j in range(_shape(teacher_logits)[0])]
+    else:
+        raise ValueError(
+            f"{name} must be a sequence of [B, K] arrays or one stacked [J, B, K] array, got an "
+            f"array of shape {_shape(teacher_logits)}. Pass [t1, t2, ...]."
+        )
+    if not teachers:
+        raise ValueError(f"{name} is empty: pass at least one teacher's logits.")
+    return teachers
+
+
+def _check_teacher_weights(weights: Any, num_teachers: int, name: str) -> chex.Array | None:
+    """Validates ``weights`` (length J, >= 0, sum > 0; values only when concrete) and returns
+    them as an array (``None`` stays ``None``: uniform). Normalisation happens in the cores."""
+    if weights is None:
+        return None
+    shape = (len(weights),) if _is_seq(weights) else _shape(weights)
+    if shape != (num_teachers,):
+        raise ValueError(
+            f"{name} must hold one weight per teacher: expected shape ({num_teachers},), got "
+            f"{shape}."
+        )
+    try:
+        values = [float(x) for x in weights] if _is_seq(weights) else weights.tolist()
+    except jax.errors.ConcretizationTypeError:
+        values = None  # Traced weights cannot be checked.
+    if values is not None and (
+        any(not (v >= 0 and math.isfinite(v)) for v in values) or sum(values) <= 0
+    ):
+        raise ValueError(
+            f"{name} must be finite, >= 0 and not all zero, got {values}. They are normalised "
+            "to sum 1, so only their ratios matter."
+        )
+    return jnp.asarray(weights)
+
+
+def _normalised_weights(weights: chex.Array | None, num_teachers: int, dtype) -> chex.Array:
+    if weights is None:
+        return jnp.full((num_teachers,), 1.0 / num_teachers, dtype)
+    w = _float(weights).astype(dtype)
+    return w / jnp.sum(w)
+
+
+def kd_kl_multi(
+    student_logits: chex.Array,
+    teacher_logits_seq: Sequence[chex.Array] | chex.Array,
+    *,
+    temperature: ScalarLike,
+    weights: Sequence[float] | chex.Array | None = None,
+    where: chex.Array | None = None,
+) -> chex.Array:
+    r"""Distillation from several teachers (dense chain, DGKD-style), per example.
+
+    .. math::
+        \mathrm{KD}^{\text{multi}}_i = \sum_j w_j \, \mathrm{KD}_i(s, t^{(j)}), \qquad
+        w_j = \frac{\tilde w_j}{\sum_l \tilde w_l}
+
+    Args:
+      student_logits: ``[B, K]``.
+      teacher_logits_seq: a sequence of ``J`` arrays ``[B, K]``, or one stacked ``[J, B, K]``.
+      temperature: scalar ``T > 0`` (see :func:`kd_kl`).
+      weights: optional ``J`` non-negative weights, normalised to sum 1; default uniform.
+      where: optional bool ``[B]``; masked-out examples give 0 and zero gradient.
+
+    Returns:
+      ``[B]`` per-example losses.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> s = jnp.array([[0.0, 1.0, 2.0], [1.0, 0.0, 0.0]])
+      >>> t1 = jnp.array([[0.0, 2.0, 4.0], [2.0, 0.0, 0.0]])  # e.g. link k-1
+      >>> t2 = jnp.array([[1.0, 1.0, 3.0], [0.0, 1.0, 0.0]])  # e.g. link k-2
+      >>> kd_kl_multi(s, [t1, t2], temperature=2.0, weights=[3.0, 1.0]).shape
+      (2,)
+    """
+    _check_logits("student_logits", student_logits)
+    teachers = _teacher_list(teacher_logits_seq, jnp.ndim(student_logits), "teacher_logits_seq")
+    for t in teachers:
+        _check_kd_pair(student_logits, t)
+    _check_temperature(temperature)
+    weights = _check_teacher_weights(weights, len(teachers), "weights")
+    where = _check_where(where, _shape(student_logits)[:-1])
+    return _kd_kl_multi_core(student_logits, teachers, weights, temperature, where)
+
+
+@jax.jit
+def _kd_kl_multi_core(
+    student_logits: chex.Array,
+    teachers: list[chex.Array],
+    weights: chex.Array | None,
+    temperature: ScalarLike,
+    where: chex.Array | None,
+) -> chex.Array:
+    student_logits = _float(student_logits)
+    w = _normalised_weights(weights, len(teachers), student_logits.dtype)
+    total = jnp.zeros(student_logits.shape[:-1], student_logits.dtype)
+    for j, t in enumerate(teachers):
+        total = total + w[j] * _kd_kl_core(student_logits, t, temperature, where)
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Attention transfer
+# --------------------------------------------------------------------------------------------
+
+
+def _check_features(name: str, features: chex.Array) -> None:
+    if jnp.ndim(features) < 3:
+        raise ValueError(
+            f"{name} must be an NHWC feature map [B, H, W, C], got shape {_shape(features)}. "
+            "Pass the convolutional map before global pooling."
+        )
+
+
+def _attention_2d(features: chex.Array, p: float) -> chex.Array:
+    """``mean_c |F|^p``: ``[..., H, W, C] -> [..., H, W]`` (not normalised)."""
+    f = _float(features)
+    # An integer p uses integer_pow: exact, and its gradient at 0 is finite.
+    exponent = int(p) if float(p) == int(p) else float(p)
+    a = jnp.abs(f) ** exponent
+    return jnp.mean(a, axis=-1)
+
+
+def _normalise(a: chex.Array) -> chex.Array:
+    """L2-normalises the last axis of a non-negative ``a``; an all-zero row stays zero.
+
+    The row is first divided by its (stop-gradient) maximum, which the result does not depend
+    on; this keeps ``sum a^2`` away from underflow/overflow. All divisions are guarded with
+    ``jnp.where`` so neither the value nor the gradient is ever NaN.
+    """
+    m = jax.lax.stop_gradient(jnp.max(a, axis=-1, keepdims=True))
+    nonzero = m > 0
+    b = a / jnp.where(nonzero, m, 1.0)
+    sq = jnp.sum(b * b, axis=-1, keepdims=True)
+    return b / jnp.sqrt(jnp.where(nonzero, sq, 1.0))
+
+
+def attention_map(features: chex.Array, *, p: float = 2) -> chex.Array:
+    r"""Spatial attention map of Zagoruyko & Komodakis (2017), flattened and L2-normalised.
+
+    .. math::
+        A(F) = \frac{\mathrm{vec}(a)}{\|\mathrm{vec}(a)\|_2}, \qquad
+        a_{hw} = \frac{1}{C} \sum_{c} |F_{hwc}|^p
+
+    (The paper sums over channels; after normalisation the mean gives the same map and avoids
+    overflow for wide layers.) An all-zero map gives an all-zero attention, with no NaN in the
+    value or the gradient.
+
+    Args:
+      features: NHWC feature map ``[B, H, W, C]`` (any leading batch shape ``[..., H, W, C]``).
+      p: exponent, a Python number ``>= 1`` (default 2).
+
+    Returns:
+      ``[B, H*W]``, each row of unit L2 norm (or zero).
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> attention_map(jnp.ones((1, 2, 2, 3)))
+      Array([[0.5, 0.5, 0.5, 0.5]], dtype=float32)
+    """
+    _check_features("features", features)
+    _check_p(p)
+    return _attention_map_core(features, p=float(p))
+
+
+@functools.partial(jax.jit, static_argnames=("p",))
+def _attention_map_core(features: chex.Array, p: float) -> chex.Array:
+    a = _attention_2d(features, p)
+    return _normalise(a.reshape(a.shape[:-2] + (a.shape[-2] * a.shape[-1],)))
+
+
+def _resize_attention(a: chex.Array, size: tuple[int, int]) -> chex.Array:
+    """Shrinks a ``[..., H, W]`` attention map to ``size`` (each side <= the current one).
+
+    Integer ratios on both axes: exact average pooling over ``(H/h) x (W/w)`` blocks.
+    Otherwise: ``jax.image.resize(..., "linear")`` (antialiased, i.e. a triangle filter).
+    """
+    (h, w), (th, tw) = a.shape[-2:], size
+    if (h, w) == (th, tw):
+        return a
+    lead = a.shape[:-2]
+    if h % th == 0 and w % tw == 0:
+        return a.reshape(lead + (th, h // th, tw, w // tw)).mean(axis=(-3, -1))
+    return jax.image.resize(a, lead + (th, tw), method="linear")
+
+
+def attention_transfer(
+    student_features: chex.Array,
+    teacher_features: chex.Array,
+    *,
+    p: float = 2,
+    where: chex.Array | None = None,
+) -> chex.Array:
+    r"""Attention-transfer loss (Zagoruyko & Komodakis, 2017), per example.
+
+    .. math::
+        \mathrm{AT}_i = \big\| A(F^s_i) - A(F^t_i) \big\|_2^2 \in [0, 2]
+
+    with :math:`A` the normalised attention of :func:`attention_map` (both maps are non-negative
+    unit vectors, so the distance is at most 2, and ``2 - 2 cos``). The teacher is under
+    ``stop_gradient``.
+
+    Channel counts may differ (attention averages channels away). **Spatial sizes** may differ:
+    both 2-D attention maps (before normalisation) are brought to the common size
+    ``(min(Hs, Ht), min(Ws, Wt))``: a larger map whose sides are integer multiples of that size is
+    average-pooled over blocks (e.g. 8x8 -> 4x4); otherwise it is resized with
+    ``jax.image.resize(..., "linear")`` (antialiased; e.g. 6x6 -> 4x4). Maps are never upsampled.
+
+    Args:
+      student_features: NHWC ``[B, Hs, Ws, Cs]`` (any leading batch shape).
+      teacher_features: NHWC ``[B, Ht, Wt, Ct]``, same leading batch shape.
+      p: exponent, a Python number ``>= 1`` (default 2).
+      where: optional bool ``[B]``; masked-out examples give 0 and zero gradient.
+
+    Returns:
+      ``[B]`` per-example losses.
+
+    Example::
+
+      >>> import numpy as np
+      >>> rng = np.random.default_rng(0)
+      >>> fs = rng.normal(size=(2, 8, 8, 16))  # student stage: 8x8, 16 channels
+      >>> ft = rng.normal(size=(2, 4, 4, 64))  # teacher stage: 4x4, 64 channels
+      >>> attention_transfer(fs, ft).shape
+      (2,)
+    """
+    _check_p(p)
+    _check_feature_pair(student_features, teacher_features)
+    where = _check_where(where, _shape(student_features)[:-3])
+    return _attention_transfer_core(student_features, teacher_features, where, p=float(p))
+
+
+def _check_feature_pair(student_features: chex.Array, teacher_features: chex.Array) -> None:
+    _check_features("student_features", student_features)
+    _check_features("teacher_features", teacher_features)
+    s_shape, t_shape = _shape(student_features), _shape(teacher_features)
+    if s_shape[:-3] != t_shape[:-3]:
+        raise ValueError(
+            f"student_features and teacher_features must have the same batch shape, got "
+            f"{s_shape} and {t_shape} (NHWC). Feed the teacher the same batch as the student."
+        )
+
+
+@functools.partial(jax.jit, static_argnames=("p",))
+def _attention_transfer_core(
+    student_features: chex.Array, teacher_features: chex.Array, where: chex.Array | None, p: float
+) -> chex.Array:
+    where = _as_bool(where)
+    fs = _mask_rows(_float(student_features), where)
+    ft = _mask_rows(_float(jax.lax.stop_gradient(teacher_features)), where)
+    a_s, a_t = _attention_2d(fs, p), _attention_2d(ft, p)
+    s_shape, t_shape = fs.shape, ft.shape
+    size = (min(s_shape[-3], t_shape[-3]), min(s_shape[-2], t_shape[-2]))
+    a_s, a_t = _resize_attention(a_s, size), _resize_attention(a_t, size)
+    flat = a_s.shape[:-2] + (size[0] * size[1],)
+    q_s, q_t = _normalise(a_s.reshape(flat)), _normalise(a_t.reshape(flat))
+    return _apply_where(jnp.sum(jnp.square(q_s - q_t), axis=-1), where)
+
+
+# --------------------------------------------------------------------------------------------
+# Temperature schedules
+# --------------------------------------------------------------------------------------------
+
+
+def temperature_schedule(kind: str, *, t_max: float, t_min: float, total_steps: int) -> Schedule:
+    r"""Distillation-temperature annealing ``step -> T(step)``, pure and usable inside ``jit``.
+
+    With :math:`r = \mathrm{clip}(\mathrm{step} / \mathrm{total\_steps}, 0, 1)`:
+
+    * ``"constant"``: :math:`T = T_{max}`
+    * ``"linear"``:   :math:`T = T_{max} + (T_{min} - T_{max})\, r`
+    * ``"cosine"``:   :math:`T = T_{min} + \tfrac12 (T_{max} - T_{min}) (1 + \cos \pi r)`
+
+    so ``T(0) = t_max`` and ``T(step) = t_min`` for ``step >= total_steps`` (clamped), and the
+    annealing schedules are non-increasing.
+
+    Args:
+      kind: one of ``"constant"``, ``"linear"``, ``"cosine"``.
+      t_max: starting temperature, ``>= t_min``.
+      t_min: final temperature, ``> 0``.
+      total_steps: steps over which to anneal, an integer ``>= 1``.
+
+      The three values may be Python numbers or scalar arrays, traced ones included (a trainer
+      can keep them in its state so one compiled step serves every link); they are checked
+      whenever they are concrete.
+
+    Returns:
+      A function of an integer (Python or traced) step returning a float32 scalar.
+
+    Raises:
+      ValueError: for an unknown ``kind`` or invalid concrete values, eagerly (when building it).
+
+    Example::
+
+      >>> sched = temperature_schedule("cosine", t_max=4.0, t_min=1.0, total_steps=100)
+      >>> float(sched(0)), float(sched(50)), float(sched(1000))
+      (4.0, 2.5, 1.0)
+    """
+    if kind not in SCHEDULE_KINDS:
+        raise ValueError(
+            f"Unknown temperature schedule kind {kind!r}: use one of {list(SCHEDULE_KINDS)}."
+        )
+    for name, value in (("t_max", t_max), ("t_min", t_min), ("total_steps", total_steps)):
+        _check_scalar(name, value)
+    t_max_c, t_min_c, steps_c = _concrete(t_max), _concrete(t_min), _concrete(total_steps)
+    if t_min_c is not None and not (math.isfinite(t_min_c) and t_min_c > 0):
+        raise ValueError(f"t_min must be a finite number > 0, got {t_min!r}: use e.g. t_min=1.0.")
+    if t_max_c is not None and (
+        not math.isfinite(t_max_c) or (t_min_c is not None and t_max_c < t_min_c)
+    ):
+        raise ValueError(
+            f"t_max must be finite and >= t_min, got t_max={t_max!r} < t_min={t_min!r}: swap "
+            "them (the schedule anneals from t_max down to t_min)."
+        )
+    if isinstance(total_steps, bool) or (
+        steps_c is not None and (steps_c < 1 or steps_c != math.floor(steps_c))
+    ):
+        raise ValueError(
+            f"total_steps must be an integer >= 1, got {total_steps!r}: pass the number of "
+            "optimisation steps of the link (epochs * steps_per_epoch)."
+        )
+
+    def schedule(step: chex.Numeric) -> chex.Array:
+        return _temperature_at(kind, step, t_max, t_min, total_steps)
+
+    return schedule
+
+
+@functools.partial(jax.jit, static_argnums=0)  # one compile per kind; inlined under an outer jit
+def _temperature_at(kind, step, t_max, t_min, total_steps) -> chex.Array:
+    t_max, t_min = jnp.float32(t_max), jnp.float32(t_min)
+    r = jnp.clip(jnp.asarray(step, jnp.float32) / jnp.float32(total_steps), 0.0, 1.0)
+    if kind == "constant":
+        return t_max + 0.0 * r
+    if kind == "linear":
+        return t_max + (t_min - t_max) * r
+    return t_min + 0.5 * (t_max - t_min) * (1.0 + jnp.cos(jnp.pi * r))
+
+
+# --------------------------------------------------------------------------------------------
+# Reduction
+# --------------------------------------------------------------------------------------------
+
+
+def masked_mean(values: chex.Array, where: chex.Array | None = None) -> chex.Array:
+    r"""Mean of per-example values over the counted examples ("batchmean").
+
+    .. math::
+        \bar v = \frac{\sum_i [w_i]\, v_i}{\max(1, \sum_i [w_i])}
+
+    An all-masked batch gives exactly ``0.0`` (not NaN) with a zero gradient, so padding-only
+    batches (e.g. the tail of an epoch on some data-parallel shard) are harmless. Masked-out
+    values may be ``inf``/``NaN``: they never reach the value or the gradient.
+
+    Args:
+      values: ``[B]`` per-example values (any batch shape).
+      where: optional bool of the same shape; default: all counted.
+
+    Returns:
+      A scalar.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> float(masked_mean(jnp.array([1.0, 3.0, 100.0]), jnp.array([True, True, False])))
+      2.0
+    """
+    where = _check_where(where, _shape(values))
+    return _masked_mean_core(values, where)
+
+
+@jax.jit
+def _masked_mean_core(values: chex.Array, where: chex.Array | None) -> chex.Array:
+    values, where = _float(values), _as_bool(where)
+    if where is None:
+        return jnp.mean(values) if values.size else jnp.zeros((), values.dtype)
+    total = jnp.sum(jnp.where(where, values, jnp.zeros((), values.dtype)))
+    count = jnp.sum(where.astype(values.dtype))
+    return total / jnp.maximum(count, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The WeCKD objective
+# --------------------------------------------------------------------------------------------
+
+
+def _is_seq(x: Any) -> bool:
+    return isinstance(x, list | tuple)
+
+
+def _teacher_feature_lists(
+    teacher_features: Any, num_teachers: int, num_stages: int
+) -> list[list[chex.Array]]:
+    """Normalises ``teacher_features`` to one list of stage maps per teacher."""
+    if not _is_seq(teacher_features):
+        raise ValueError(
+            "teacher_features must be a sequence of NHWC maps (one teacher) or a sequence of "
+            f"such sequences (one per teacher), got {type(teacher_features).__name__}."
+        )
+    nested = len(teacher_features) > 0 and _is_seq(teacher_features[0])
+    per_teacher = [list(f) for f in teacher_features] if nested else [list(teacher_features)]
+    if len(per_teacher) != num_teachers:
+        raise ValueError(
+            f"teacher_features holds features for {len(per_teacher)} teacher(s) but "
+            f"teacher_logits has {num_teachers}. With several teachers pass one sequence of "
+            "stage maps per teacher: [[t1_stage1, ...], [t2_stage1, ...]]."
+        )
+    for j, stages in enumerate(per_teacher):
+        if len(stages) != num_stages:
+            raise ValueError(
+                f"teacher {j} has {len(stages)} feature map(s) but student_features has "
+                f"{num_stages}: pass one teacher map per student stage, in the same order."
+            )
+    return per_teacher
+
+
+def weckd_loss(
+    student_logits: chex.Array,
+    labels: chex.Array,
+    *,
+    label_mask: chex.Array,
+    teacher_logits: chex.Array | Sequence[chex.Array] | None = None,
+    teacher_weights: Sequence[float] | chex.Array | None = None,
+    student_features: Sequence[chex.Array] = (),
+    teacher_features: Sequence[chex.Array] | Sequence[Sequence[chex.Array]] | None = None,
+    alpha: ScalarLike = 0.5,
+    beta: ScalarLike = 0.0,
+    temperature: ScalarLike = 1.0,
+    label_smoothing: float = 0.0,
+    p: float = 2,
+    where: chex.Array | None = None,
+) -> tuple[chex.Array, dict[str, chex.Array]]:
+    r"""The WeCKD per-example objective (one link of the chain).
+
+    With a teacher, for example :math:`i` with label mask :math:`m_i \in \{0, 1\}`:
+
+    .. math::
+        L_i = m_i (1-\alpha)\, \mathrm{CE}(y_i, s_i)
+            + \alpha_i\, T^2 \sum_j w_j \mathrm{KL}\big(\mathrm{softmax}(t^{(j)}_i/T) \,\|\,
+              \mathrm{softmax}(s_i/T)\big)
+            + \beta \sum_j w_j \frac{1}{S} \sum_{k=1}^{S} \mathrm{AT}(F^s_{ik}, F^{t(j)}_{ik})
+
+    with :math:`\alpha_i = \alpha` for labelled examples and :math:`1` for unlabelled ones (an
+    example without a label learns from the teacher only), and teacher weights :math:`w_j`
+    normalised to sum 1.
+
+    **Without a teacher** (``teacher_logits=None``, link 1 of the chain) the loss is plain
+    cross-entropy on the labelled examples, :math:`L_i = m_i\,\mathrm{CE}_i`, *not* scaled by
+    :math:`1-\alpha` (there is nothing to weigh it against; scaling would only shrink the
+    effective learning rate). Unlabelled examples then contribute 0; ``alpha``, ``beta`` and
+    ``temperature`` are validated but unused.
+
+    Args:
+      student_logits: ``[B, K]``.
+      labels: ``[B]`` integers in ``[0, K)``; values at unlabelled (``label_mask`` False) or
+        masked-out positions are ignored (may be ``-1``).
+      label_mask: bool ``[B]``, True where the label is known.
+      teacher_logits: ``None`` (no teacher), one ``[B, K]`` array, or several teachers as a
+        sequence of ``[B, K]`` arrays or a stacked ``[J, B, K]`` array (dense chain).
+      teacher_weights: optional ``J`` non-negative weights, normalised to sum 1 (default
+        uniform).
+      student_features: sequence of ``S`` NHWC maps ``[B, H, W, C]``, one per stage.
+      teacher_features: ``None`` or, for one teacher, a sequence of ``S`` NHWC maps; for ``J``
+        teachers, a sequence of ``J`` such sequences. Channel counts and spatial sizes may differ
+        from the student's (see :func:`attention_transfer`).
+      alpha: distillation weight in ``[0, 1]``.
+      beta: attention-transfer weight ``>= 0``. ``beta > 0`` with a teacher requires features.
+      temperature: ``T > 0``, a Python float or a traced scalar (e.g. from
+        :func:`temperature_schedule`).
+      label_smoothing: for the cross-entropy term, in ``[0, 1)``.
+      p: attention exponent (``>= 1``).
+      where: optional bool ``[B]`` masking whole examples (padding): they give 0 in every part
+        and zero gradient.
+
+    Returns:
+      ``(loss, parts)``: ``loss`` is ``[B]``; ``parts`` maps ``"ce"``, ``"kd"``, ``"at"`` to the
+      *weighted* ``[B]`` contributions, which sum to ``loss``. All three keys are always present
+      (zeros for absent terms), so the pytree structure does not depend on the configuration.
+      Reduce with :func:`masked_mean` (over ``where``) for a batch-mean.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> s = jnp.array([[2.0, 0.0], [0.0, 1.0]]); y = jnp.array([0, -1])
+      >>> m = jnp.array([True, False])
+      >>> loss, parts = weckd_loss(s, y, label_mask=m)  # link 1: CE on labelled only
+      >>> float(parts["ce"][1]), float(parts["kd"][0])
+      (0.0, 0.0)
+    """
+    _check_logits("student_logits", student_logits)
+    batch_shape = _shape(student_logits)[:-1]
+    _check_labels(student_logits, labels)
+    if _shape(label_mask) != batch_shape:
+        raise ValueError(
+            f"label_mask must be a bool mask of shape {batch_shape}, got {_shape(label_mask)}."
+        )
+    where = _check_where(where, batch_shape)
+    _check_scalar("alpha", alpha)
+    _check_scalar("beta", beta)
+    a = _concrete(alpha)
+    if a is not None and not 0.0 <= a <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {a}: it is the weight of the KD term.")
+    b = _concrete(beta)
+    if b is not None and not (b >= 0 and math.isfinite(b)):
+        raise ValueError(f"beta must be a finite number >= 0, got {b}; use beta=0.0 to disable AT.")
+    _check_temperature(temperature)
+
+    ls = _concrete(label_smoothing)
+    if ls is None or not 0.0 <= ls < 1.0:
+        raise ValueError(
+            f"label_smoothing must be a Python number in [0, 1), got {label_smoothing!r}."
+        )
+    _check_p(p)
+
+    teachers: list[chex.Array] = []
+    per_teacher: list[list[chex.Array]] = []
+    student_features = list(student_features)
+    if teacher_logits is None:
+        if teacher_features is not None:
+            raise ValueError(
+                "teacher_features were given but teacher_logits is None. Without a teacher "
+                "(link 1) the loss is cross-entropy only: drop teacher_features, or pass the "
+                "teacher's logits too."
+            )
+    else:
+        if not _is_seq(teacher_logits) and jnp.ndim(teacher_logits) == len(batch_shape) + 1:
+            teachers = [teacher_logits]  # One teacher, [B, K].
+        else:  # A sequence of [B, K] arrays, or a stacked [J, B, K] array.
+            teachers = _teacher_list(teacher_logits, len(batch_shape) + 1, "teacher_logits")
+        for t in teachers:
+            _check_kd_pair(student_logits, t)
+        teacher_weights = _check_teacher_weights(teacher_weights, len(teachers), "teacher_weights")
+        if teacher_features is None:
+            if b is not None and b > 0:
+                raise ValueError(
+                    f"beta={b} > 0 but teacher_features is None: pass student_features and "
+                    "teacher_features (one NHWC map per stage) or set beta=0.0."
+                )
+        else:
+            per_teacher = _teacher_feature_lists(
+                teacher_features, len(teachers), len(student_features)
+            )
+            if not student_features:
+                raise ValueError(
+                    "teacher_features were given but student_features is empty: pass one "
+                    "student NHWC map per stage."
+                )
+            for stages in per_teacher:
+                for fs, ft in zip(student_features, stages, strict=True):
+                    _check_feature_pair(fs, ft)
+                    if _shape(fs)[:-3] != batch_shape:
+                        raise ValueError(
+                            f"feature maps must have the batch shape {batch_shape} of "
+                            f"student_logits {_shape(student_logits)}, got a map of shape "
+                            f"{_shape(fs)} (NHWC). Pass the features of the same batch."
+                        )
+            if b is not None and b == 0:
+                per_teacher = []  # Nothing to compute.
+    return _weckd_core(
+        student_logits,
+        labels,
+        label_mask,
+        teachers,
+        teacher_weights,
+        student_features if per_teacher else [],
+        per_teacher,
+        alpha,
+        beta,
+        temperature,
+        where,
+        label_smoothing=ls,
+        p=float(p),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("label_smoothing", "p"))
+def _weckd_core(
+    student_logits: chex.Array,
+    labels: chex.Array,
+    label_mask: chex.Array,
+    teachers: list[chex.Array],
+    teacher_weights: chex.Array | None,
+    student_features: list[chex.Array],
+    per_teacher: list[list[chex.Array]],
+    alpha: ScalarLike,
+    beta: ScalarLike,
+    temperature: ScalarLike,
+    where: chex.Array | None,
+    label_smoothing: float,
+    p: float,
+) -> tuple[chex.Array, dict[str, chex.Array]]:
+    """The computation of :func:`weckd_loss`, after validation (no teacher: ``teachers == []``;
+    no attention term: ``per_teacher == []``)."""
+    student_logits = _float(student_logits)
+    dtype = student_logits.dtype
+    batch_shape = student_logits.shape[:-1]
+    m, where = jnp.asarray(label_mask).astype(bool), _as_bool(where)
+    counted = m if where is None else m & where
+    safe_labels = jnp.where(counted, labels, 0)
+    ce = _cross_entropy_core(student_logits, safe_labels, counted, label_smoothing=label_smoothing)
+    zeros = jnp.zeros(batch_shape, dtype)
+    if not teachers:  # Link 1: plain CE on the labelled examples, not scaled by (1 - alpha).
+        return ce, {"ce": ce, "kd": zeros, "at": zeros}
+
+    w = _normalised_weights(teacher_weights, len(teachers), dtype)
+    alpha = jnp.asarray(alpha, dtype)
+    alpha_i = jnp.where(m, alpha, jnp.ones((), dtype))
+
+    kd = zeros
+    for j, t in enumerate(teachers):
+        kd = kd + w[j] * _kd_kl_core(student_logits, t, temperature, where).astype(dtype)
+    kd = alpha_i * kd
+    ce = (1.0 - alpha) * ce
+
+    at = zeros
+    for j, stages in enumerate(per_teacher):
+        at_j = zeros
+        for fs, ft in zip(student_features, stages, strict=True):
+            at_j = at_j + _attention_transfer_core(fs, ft, where, p=p).astype(dtype)
+        at = at + w[j] * (at_j / len(stages))
+    at = jnp.asarray(beta, dtype) * at
+
+    return ce + kd + at, {"ce": ce, "kd": kd, "at": at}
