@@ -150,7 +150,7 @@ def train_job(
         "best_val": None,
         "epoch_metrics": [],
     }
-    best_variables = state.variables
+    best_variables = jax.tree.map(lambda x: x.copy(), state.variables)  # the step donates state
     saver = checkpoints.TrainCheckpoints(workdir, job.name)
     start = saver.latest_step()
     if start is not None:

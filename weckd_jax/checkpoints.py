@@ -125,7 +125,12 @@ class TrainCheckpoints:
         meta: dict,
         data_iter: grain.DatasetIterator,
     ) -> None:
-        """Starts writing ``step`` in the background (the previous write is finished first)."""
+        """Starts writing ``step`` in the background (the previous write is finished first).
+
+        The arrays are copied first: the background write reads them after this returns, and the
+        train step donates (frees) the state's buffers on its next call.
+        """
+        state, best = jax.tree.map(lambda x: x.copy(), (state, best))
         self._manager.save(
             step,
             args=ocp.args.Composite(

@@ -1,0 +1,133 @@
+"""Kill a real run with SIGKILL at several moments, resume it, and get exactly the results of an
+uninterrupted run; a changed config is refused; bad configs fail fast and plainly."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+
+SMOKE = os.path.join(REPO, "configs", "smoke.py")
+OVERRIDES = ["--config.train.epochs=3"]
+
+
+def _env(tmp_path):
+    env = dict(os.environ)
+    # Reuse compiled programs across the subprocesses of this test (results are unchanged).
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return env
+
+
+def _cmd(workdir, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "weckd_jax.launch",
+        "--config",
+        SMOKE,
+        *OVERRIDES,
+        *extra,
+        f"--workdir={workdir}",
+    ]
+
+
+def _run(tmp_path, workdir, *extra):
+    return subprocess.run(
+        _cmd(workdir, *extra),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=_env(tmp_path),
+        timeout=900,
+    )
+
+
+def _kill_when(tmp_path, workdir, condition, what):
+    """Starts the run and SIGKILLs it as soon as ``condition()`` holds."""
+    proc = subprocess.Popen(
+        _cmd(workdir),
+        cwd=REPO,
+        env=_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 900
+    while proc.poll() is None and time.monotonic() < deadline:
+        if condition():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.002)
+    stderr = proc.stderr.read() if proc.stderr else ""
+    pytest.fail(f"the run ended before {what} was seen (rc={proc.returncode}): {stderr[-2000:]}")
+
+
+def _results(workdir):
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    del results["runtime"]
+    return results
+
+
+def _metric_lines(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    for line in lines:
+        del line["images_per_s"]
+    return lines
+
+
+def test_killed_run_resumes_to_identical_results(tmp_path):
+    reference = tmp_path / "reference"
+    out = _run(tmp_path, reference)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    work = tmp_path / "killed"
+    ckpt = work / "checkpoints"
+
+    def between_links():
+        return (work / "jobs" / "link_1.json").exists()
+
+    def mid_link_2():
+        return len(glob.glob(str(ckpt / "link_2" / "train" / "[0-9]*"))) >= 2
+
+    def during_save():
+        return bool(glob.glob(str(ckpt / "union_supervised" / "train" / "*tmp*")))
+
+    _kill_when(tmp_path, work, between_links, "the end of link 1")
+    assert not (work / "results.json").exists()
+    _kill_when(tmp_path, work, mid_link_2, "link 2's second checkpoint")
+    assert not (work / "jobs" / "link_2.json").exists()
+    _kill_when(tmp_path, work, during_save, "a checkpoint write of the union baseline")
+    out = _run(tmp_path, work)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "link_1: finished earlier, results reloaded" in out.stdout
+
+    assert _results(work) == _results(reference)
+    assert _metric_lines(work) == _metric_lines(reference)
+
+
+def test_rerun_of_a_finished_run_trains_nothing_and_changed_config_is_refused(tmp_path):
+    work = tmp_path / "run"
+    assert _run(tmp_path, work).returncode == 0
+    before = _results(work)
+    mtimes = {p: os.path.getmtime(p) for p in glob.glob(str(work / "checkpoints" / "*" / "final"))}
+    again = _run(tmp_path, work)
+    assert again.returncode == 0
+    assert again.stdout.count("finished earlier, results reloaded") == 4
+    assert _results(work) == before
+    assert mtimes == {p: os.path.getmtime(p) for p in mtimes}
+
+    changed = _run(tmp_path, work, "--config.distill.alpha=0.3")
+    assert changed.returncode == 2
+    assert "distill.alpha: 0.7 -> 0.3" in changed.stderr
+    assert "Traceback" not in changed.stderr
+    assert _results(work) == before
