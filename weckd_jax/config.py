@@ -19,12 +19,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # "synthetic" (embedded generator)
+    c.data.source = "synthetic"  # "synthetic" (embedded generator) | "folder" | "tfds"
     c.data.modality = "otoscopy"  # synthetic: "otoscopy" | "microscopy" | "mri"
     c.data.num_images = 3000  # synthetic: images generated
     c.data.difficulty = 1.0  # synthetic: nuisance strength / class overlap
     c.data.images_per_group = 4  # synthetic: images per synthetic patient
     c.data.image_size = 64  # side in pixels the images are resized to
+    c.data.channels = 0  # 1 or 3; 0 = as the source gives (synthetic: the modality's; folder: 3)
+    c.data.root = ""  # folder: DIR/<class>/<image> (nested folders allowed)
+    c.data.manifest = ""  # folder: CSV path,label[,group][,split]; default DIR/manifest.csv
+    c.data.group_regex = ""  # folder: regex whose first group in the file path is the patient id
+    c.data.name = ""  # tfds: registered dataset name, e.g. "malaria"
+    c.data.data_dir = ""  # tfds: where the dataset was prepared (nothing is downloaded)
+    c.data.tfds_split = "train"  # tfds: split(s) pooled before our own train/val/test split
+    c.data.cache_dir = ""  # decoded-image cache; "" = ~/.cache/weckd_jax, "none" = off
     c.data.val_fraction = 0.15  # share of all images held out for model selection
     c.data.test_fraction = 0.2  # share of all images held out for the final test
 

@@ -22,6 +22,8 @@ from ml_collections import config_flags
 
 from weckd_jax import chain
 from weckd_jax import config as config_lib
+from weckd_jax.data import DataError
+from weckd_jax.data.splits import SplitError
 from weckd_jax.progress import Progress
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -29,7 +31,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: a new one under runs/).")
 
-USER_ERRORS = (config_lib.ConfigError,)
+USER_ERRORS = (config_lib.ConfigError, DataError, SplitError)
 
 
 def default_workdir(config_path: str) -> str:

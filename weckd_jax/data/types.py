@@ -7,6 +7,10 @@ import dataclasses
 import numpy as np
 
 
+class DataError(ValueError):
+    """The data a config names cannot be used as it is (the message names the files and the fix)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageSet:
     """Decoded images with their labels, held in host memory.
