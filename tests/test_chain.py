@@ -58,7 +58,7 @@ def test_teacher_of_link_2_is_link_1_checkpoint_on_disk(smoke_run):
     _, workdir, results = smoke_run
     link1, link2 = results["links"]
     assert link1["teacher_fingerprints"] == [] and link2["teachers"] == ["link_1"]
-    spec, restored = chain._restore_finished(
+    spec, restored = chain.restore_finished(
         workdir, "link_1", chain.parallel.data_mesh(), (32, 32, 3)
     )
     assert spec.backbone == "resnet10"

@@ -113,10 +113,10 @@ def train_job(
     image_shape = data.images.shape[1:]
 
     with timer("checkpoint"):
-        teachers = [_restore_finished(workdir, name, mesh, image_shape) for name in job.teachers]
+        teachers = [restore_finished(workdir, name, mesh, image_shape) for name in job.teachers]
         init_variables = None
         if job.init_from is not None:
-            _, init_variables = _restore_finished(workdir, job.init_from, mesh, image_shape)
+            _, init_variables = restore_finished(workdir, job.init_from, mesh, image_shape)
     teacher_specs = tuple(spec for spec, _ in teachers)
     teacher_vars = parallel.replicate(tuple(v for _, v in teachers), mesh)
 
@@ -297,7 +297,7 @@ def _check_finite(name: str, epoch_steps: int, first_step: int, step_metrics: li
             )
 
 
-def _restore_finished(
+def restore_finished(
     workdir: str, name: str, mesh: jax.sharding.Mesh, image_shape: tuple[int, ...]
 ) -> tuple[train.ModelSpec, dict[str, PyTree]]:
     """A finished job's architecture and weights, read from its final checkpoint on disk."""
@@ -430,7 +430,7 @@ def run(config, workdir: str, progress: Progress) -> dict:
             )
         # The test split is touched once per model, on the weights as saved on disk.
         with timer("checkpoint"):
-            _, variables = _restore_finished(workdir, job.name, mesh, data.images.shape[1:])
+            _, variables = restore_finished(workdir, job.name, mesh, data.images.shape[1:])
             meta = checkpoints.read_final_meta(workdir, job.name)
         with timer("eval"):
             _, test = evaluate(job.spec, variables, data, splits.test, **eval_kw)
