@@ -216,7 +216,7 @@ def _build_train_step(student, teachers, config, mesh) -> Callable:
         opt_state.hyperparams["weight_decay"] = state.hparams["weight_decay"]
         updates, opt_state = tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def keep_if_finite(new, old):
