@@ -82,7 +82,8 @@ def evaluate(
     eval_step = train.make_eval_step(spec, mesh)
     probs = []
     for images, valid in pipeline.eval_batches(data, index, batch_size=batch_size):
-        out = eval_step(variables, parallel.global_batch({"image": images}, mesh)["image"])
+        local = parallel.process_rows(images)
+        out = eval_step(variables, parallel.global_batch({"image": local}, mesh)["image"])
         probs.append(np.asarray(jax.device_get(out))[:valid])
     probs = np.concatenate(probs) if probs else np.zeros((0, data.num_classes), np.float32)
     return probs, metrics.classification_metrics(probs, data.labels[index])
@@ -162,7 +163,8 @@ def train_job(
                 batches,
             )
         state = state.replace(step=parallel.replicate(np.int32(start), mesh), **arrays)
-        _drop_logged_after(workdir, job.name, start)
+        if jax.process_index() == 0:
+            _drop_logged_after(workdir, job.name, start)
         progress.print(f"{job.name}: resuming from step {start} of {total_steps}")
 
     eval_kw = {"batch_size": cfg_train.eval_batch_size, "mesh": mesh}
@@ -210,7 +212,8 @@ def train_job(
         with timer("checkpoint"):
             saver.save(done, state, best_variables, loop, batches)
         if epoch_end:
-            _log_metrics(workdir, record)
+            if jax.process_index() == 0:
+                _log_metrics(workdir, record)
             progress.update(record, epoch)
         window_start = time.perf_counter()
     progress.finish()

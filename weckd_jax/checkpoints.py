@@ -55,12 +55,10 @@ def _manager(directory: str, **options) -> ocp.CheckpointManager:
 
 
 def has_final(workdir: str, name: str) -> bool:
-    """Whether link/baseline ``name`` has finished (its final checkpoint is complete)."""
-    directory = final_dir(workdir, name)
-    if not os.path.isdir(directory):
-        return False
-    with _manager(directory, create=False) as manager:
-        return manager.latest_step() is not None
+    """Whether link/baseline ``name`` has finished: orbax renames the step folder ``final/0`` into
+    place only once every item is written. (A plain file check, not an orbax manager: the
+    managers synchronise all processes, and this may be asked by one process alone.)"""
+    return os.path.isdir(os.path.join(final_dir(workdir, name), "0"))
 
 
 def save_final(workdir: str, name: str, variables: dict[str, PyTree], meta: dict) -> None:

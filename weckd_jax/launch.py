@@ -5,6 +5,8 @@ Flags:
                  any key can be overridden: ``--config.chain.length=4 --config.seed=1``.
   --workdir      where checkpoints, ``metrics.jsonl``, ``results.json`` go
                  (default: a new folder under ``runs/``).
+  --coordinator, --num_processes, --process_id
+                 join a multi-process run explicitly (SLURM and Cloud TPU pods are detected).
 
 A mistake in the config or the data stops the run before anything is compiled, with one message
 naming the problem and the fix, and exit code 2.
@@ -17,10 +19,11 @@ import os
 import re
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from weckd_jax import chain
+from weckd_jax import chain, distributed
 from weckd_jax import config as config_lib
 from weckd_jax.data import DataError
 from weckd_jax.data.splits import SplitError
@@ -30,6 +33,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", config_lib.__file__, "Config file with get_config().", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: a new one under runs/).")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
 
 USER_ERRORS = (config_lib.ConfigError, DataError, SplitError)
 
@@ -71,8 +77,12 @@ def main(argv: list[str]) -> None:
         config_flags.get_config_filename(flags.FLAGS["config"])
     )
     try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as e:
+        fail(str(e))
+    try:
         config_lib.validate(config)
-        progress = Progress()
+        progress = Progress(enabled=jax.process_index() == 0)
         progress.print(f"workdir: {workdir}")
         chain.run(config, workdir, progress)
     except USER_ERRORS as e:

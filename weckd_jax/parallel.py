@@ -45,6 +45,13 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     }
 
 
+def process_rows(global_rows: np.ndarray) -> np.ndarray:
+    """This process's contiguous share of a global batch (all of it with one process)."""
+    count, index = jax.process_count(), jax.process_index()
+    share = len(global_rows) // count
+    return global_rows[index * share : (index + 1) * share]
+
+
 def check_batch_size(batch_size: int, what: str = "train.batch_size") -> None:
     """Raises ValueError unless ``batch_size`` divides evenly over all devices and processes."""
     devices, processes = jax.device_count(), jax.process_count()

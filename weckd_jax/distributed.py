@@ -1,0 +1,49 @@
+"""Joining the processes of a multi-host run (TPU pod slices, multi-node GPU, several CPU hosts).
+
+Every process runs the same command; `initialize` must be called before anything touches a JAX
+device. Afterwards `jax.devices()` lists the devices of all processes, the data mesh spans them,
+each process feeds only its rows of every global batch, and only process 0 prints and writes
+reports (checkpoints are written collectively by orbax).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def cluster_detected(environ: dict[str, str] | None = None) -> bool:
+    """Whether the environment is a multi-process job JAX can join by itself (SLURM with several
+    tasks, or a Cloud TPU pod slice with several workers)."""
+    env = os.environ if environ is None else environ
+    slurm_tasks = int(env.get("SLURM_NTASKS", "1") or 1)
+    tpu_workers = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    return slurm_tasks > 1 or len(tpu_workers) > 1
+
+
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Calls `jax.distributed.initialize` when this is a multi-process run; returns whether it did.
+
+    Explicit ``coordinator`` (``host:port`` of process 0), ``num_processes`` and ``process_id``
+    win; otherwise SLURM and Cloud TPU pods are detected from their environment variables. A
+    single process (the default) initialises nothing.
+    """
+    explicit = (coordinator, num_processes, process_id)
+    if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
+        raise ValueError(
+            "--coordinator, --num_processes and --process_id go together: give all three "
+            "(e.g. --coordinator=10.0.0.1:1234 --num_processes=2 --process_id=0) or none"
+        )
+    if coordinator is None and not cluster_detected():
+        return False
+    # CPU hosts need a collectives backend for cross-process all-reduces; GPUs and TPUs ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    )
+    return True
