@@ -20,6 +20,7 @@ from weckd_jax import checkpoints, files, metrics, parallel, report, train
 from weckd_jax import config as config_lib
 from weckd_jax import data as data_lib
 from weckd_jax.data import pipeline
+from weckd_jax.data.folder import check_enough
 from weckd_jax.data.splits import Splits, make_splits
 from weckd_jax.data.types import ImageSet
 from weckd_jax.progress import Progress, Timer
@@ -396,6 +397,14 @@ def run(config, workdir: str, progress: Progress) -> dict:
 
     with timer("data"):
         data = data_lib.load(config.data, seed=config.seed)
+        check_enough(
+            data,
+            val_fraction=config.data.val_fraction,
+            test_fraction=config.data.test_fraction,
+            num_fractions=config.chain.length,
+            fraction=config.chain.fraction,
+            seed=config.seed,
+        )
         splits = make_splits(
             data.labels,
             data.groups,

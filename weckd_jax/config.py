@@ -116,6 +116,15 @@ def validate(config) -> None:
         c.data.source in data_lib.SOURCES,
         f"data.source={c.data.source!r} is unknown; valid: {', '.join(data_lib.SOURCES)}",
     )
+    need(c.data.channels in (0, 1, 3), f"data.channels={c.data.channels} must be 0 (auto), 1 or 3")
+    need(
+        c.data.source != "folder" or bool(c.data.root or c.data.manifest),
+        "data.source='folder' needs data.root=DIR (DIR/<class>/<image>) or data.manifest=CSV",
+    )
+    need(
+        c.data.source != "tfds" or bool(c.data.name),
+        "data.source='tfds' needs data.name, e.g. --config.data.name=malaria",
+    )
     if c.data.source == "synthetic":
         need(
             c.data.modality in synthetic.MODALITIES,

@@ -1,0 +1,513 @@
+"""Image folders (weckd_jax.data.folder): decoding of every mode, manifests and patient ids,
+group-disjoint splits, every bad-input error, the on-disk cache, progress, and a 1-channel chain."""
+
+import importlib
+import logging
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import smoke_config
+from weckd_jax import chain, checkpoints
+from weckd_jax import config as config_lib
+from weckd_jax.data import cache as cache_lib
+from weckd_jax.data import folder
+from weckd_jax.data.splits import make_splits
+from weckd_jax.data.types import DataError
+from weckd_jax.progress import Progress
+
+S = 16
+
+
+def data_config(root, **overrides):
+    c = config_lib.base_config().data
+    c.source = "folder"
+    c.root = str(root)
+    c.image_size = S
+    c.cache_dir = "none"
+    for key, value in overrides.items():
+        c[key] = value
+    return c
+
+
+def noise(seed, shape, dtype=np.uint8, high=256):
+    return np.random.default_rng(seed).integers(0, high, shape).astype(dtype)
+
+
+def save(path, array, mode=None, **kwargs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode).save(path, **kwargs)
+    return path
+
+
+def save_any(path, seed):
+    """An image whose format and mode follow the extension and the seed (all distinct content)."""
+    ext = path.suffix.lower()
+    h, w = 12 + seed % 7, 14 + seed % 5
+    if ext == ".tif":
+        return save(path, noise(seed, (h, w), np.uint16, 60000))  # 16-bit grayscale
+    if ext == ".jpg":
+        return save(path, noise(seed, (h, w)))  # 8-bit grayscale JPEG
+    if ext == ".bmp":
+        return save(path, noise(seed, (h, w, 3)))
+    if seed % 2:
+        return save(path, noise(seed, (h, w, 4)))  # RGBA PNG
+    return save(path, noise(seed, (h, w, 3)))
+
+
+EXTENSIONS = (".png", ".jpg", ".bmp", ".tif")
+
+
+def patient_folder(root, classes=("benign", "malignant"), patients=6, per_patient=3, nested=True):
+    """``root/<class>/[sub/]P<k>_<j>.<ext>`` with mixed formats and sizes; k is the patient."""
+    seed = 0
+    for c, name in enumerate(classes):
+        for p in range(patients):
+            pid = f"P{c}{p:02d}"
+            for j in range(per_patient):
+                sub = f"visit{j}/" if nested and j == 2 else ""
+                ext = EXTENSIONS[seed % len(EXTENSIONS)]
+                save_any(root / name / f"{sub}{pid}_{j}{ext}", seed)
+                seed += 1
+    return root
+
+
+def assert_group_disjoint(data, splits):
+    parts = {"train": splits.train, "val": splits.val, "test": splits.test}
+    for a in parts:
+        for b in parts:
+            if a < b:
+                assert not set(data.groups[parts[a]]) & set(data.groups[parts[b]]), (a, b)
+    for i, fa in enumerate(splits.fractions):
+        for fb in splits.fractions[i + 1 :]:
+            assert not set(data.groups[fa]) & set(data.groups[fb])
+
+
+# ----------------------------------------------------------------------------- decode_image
+
+
+def test_decode_rgb_keeps_colour_and_gives_gray_luma(tmp_path):
+    path = save(tmp_path / "c.png", np.full((20, 20, 3), (10, 200, 30), np.uint8))
+    rgb = folder.decode_image(path, image_size=S, channels=3)
+    assert rgb.shape == (S, S, 3) and rgb.dtype == np.uint8
+    assert (rgb == np.array([10, 200, 30], np.uint8)).all()
+    gray = folder.decode_image(path, image_size=S, channels=1)
+    assert gray.shape == (S, S, 1)
+    assert abs(int(gray[0, 0, 0]) - round(0.299 * 10 + 0.587 * 200 + 0.114 * 30)) <= 1
+    assert (folder.decode_image(path, image_size=S, channels=0) == rgb).all()  # 0 = 3 (folders)
+
+
+def test_decode_letterboxes_non_square_images(tmp_path):
+    tall = save(tmp_path / "tall.bmp", np.full((20, 10, 3), 200, np.uint8))
+    out = folder.decode_image(tall, image_size=S, channels=3)
+    # 10 x 20 -> 8 x 16, centred: 4 black columns each side, nothing cropped or stretched.
+    assert (out[:, :4] == 0).all() and (out[:, 12:] == 0).all()
+    assert (out[:, 4:12] == 200).all()
+    wide = save(tmp_path / "wide.png", np.full((10, 40), 90, np.uint8))
+    out = folder.decode_image(wide, image_size=S, channels=1)
+    # 40 x 10 -> 16 x 4, rows 6..9.
+    assert (out[:6] == 0).all() and (out[10:] == 0).all() and (out[6:10] == 90).all()
+
+
+def test_decode_rgba_composites_over_black(tmp_path):
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[:, :8] = (255, 0, 0, 255)  # opaque red
+    rgba[:, 8:] = (255, 255, 255, 0)  # transparent white
+    out = folder.decode_image(save(tmp_path / "a.png", rgba), image_size=S, channels=3)
+    assert (out[:, :7] == (255, 0, 0)).all()
+    assert (out[:, 9:] == 0).all()
+
+
+@pytest.mark.parametrize("ext", [".png", ".tif"])
+def test_decode_16bit_scales_min_max_without_clipping(tmp_path, ext):
+    ramp = np.linspace(1000, 31000, 16 * 16).reshape(16, 16).astype(np.uint16)
+    path = save(tmp_path / f"r{ext}", ramp)
+    assert Image.open(path).mode.startswith("I")
+    out = folder.decode_image(path, image_size=S, channels=1)[..., 0].astype(int)
+    assert out.min() == 0 and out.max() == 255
+    assert len(np.unique(out)) > 200  # a ramp, not saturated / clipped to a few values
+    assert (np.diff(out.ravel()) >= 0).all()
+    # 12-bit data stored as 16-bit (0..4095) still fills the range (not divided by 257).
+    twelve = save(tmp_path / f"t{ext}", (ramp // 8).astype(np.uint16))
+    assert folder.decode_image(twelve, image_size=S, channels=3).max() == 255
+
+
+@pytest.mark.parametrize(
+    "name,array,mode,kwargs",
+    [
+        ("l.jpg", np.full((20, 24), 120, np.uint8), None, {"quality": 95}),
+        ("rgb.jpg", np.full((24, 24, 3), (40, 80, 160), np.uint8), None, {"quality": 95}),
+        ("rgb.tiff", np.full((16, 16, 3), 77, np.uint8), None, {}),
+        ("gray.bmp", np.full((16, 16), 33, np.uint8), None, {}),
+    ],
+)
+def test_decode_other_formats_and_modes(tmp_path, name, array, mode, kwargs):
+    path = save(tmp_path / name, array, mode, **kwargs)
+    for channels in (1, 3):
+        out = folder.decode_image(path, image_size=S, channels=channels)
+        assert out.shape == (S, S, channels) and out.dtype == np.uint8
+    centre = folder.decode_image(path, image_size=S, channels=3)[8, 8].astype(int)
+    expected = np.broadcast_to(array[0, 0], (3,)).astype(int)
+    assert np.abs(centre - expected).max() <= 3
+
+
+def test_decode_palette_and_exif_orientation(tmp_path):
+    rgb = Image.fromarray(np.full((16, 16, 3), (0, 128, 255), np.uint8))
+    rgb.convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "p.png")
+    Image.new("1", (16, 16), 1).save(tmp_path / "bits.png")
+    bits = folder.decode_image(tmp_path / "bits.png", image_size=S, channels=1)
+    assert (bits == 255).all()
+    out = folder.decode_image(tmp_path / "p.png", image_size=S, channels=3)
+    assert (out[4, 4] == (0, 128, 255)).all(), out[4, 4]
+    # 40 wide x 10 high, stored with "rotate 90" (EXIF 6): shown 10 wide x 40 high -> side bars.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.full((10, 40, 3), 250, np.uint8)).save(tmp_path / "o.jpg", exif=exif)
+    out = folder.decode_image(tmp_path / "o.jpg", image_size=S, channels=1)
+    assert out[:, 0].max() < 20 and out[:, -1].max() < 20 and out[:, 8].min() > 200
+
+
+def test_decode_errors_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(DataError, match="cannot read .*missing.png"):
+        folder.decode_image(tmp_path / "missing.png", image_size=S, channels=3)
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(DataError, match=r"(?s)text.png.*not a PNG.*Fix: re-copy or re-export"):
+        folder.decode_image(tmp_path / "text.png", image_size=S, channels=3)
+    with pytest.raises(DataError, match="data.channels=2"):
+        folder.decode_image(tmp_path / "text.png", image_size=S, channels=2)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_load_mixed_folder_sorted_with_skips_warned(tmp_path, caplog):
+    root = patient_folder(tmp_path / "d", patients=2)
+    (root / "benign" / "notes.txt").write_text("x")
+    (root / "benign" / "scan.dcm").write_bytes(b"DICM")
+    (root / "README.md").write_text("x")
+    with caplog.at_level(logging.WARNING):
+        data = folder.load(data_config(root))
+    assert data.class_names == ("benign", "malignant")
+    assert data.images.shape == (12, S, S, 3) and data.images.dtype == np.uint8
+    assert list(data.paths) == sorted(data.paths)
+    assert data.groups is None and data.split is None
+    assert data.labels.dtype == np.int32
+    assert (data.labels == [0 if "/benign/" in p else 1 for p in data.paths]).all()
+    text = caplog.text
+    assert "notes.txt" in text and "README.md" in text and "not in a class folder" in text
+    assert "scan.dcm" in text and "DICOM is not supported" in text
+    # Every file is either loaded or named in a warning.
+    gray = folder.load(data_config(root, channels=1))
+    assert gray.images.shape == (12, S, S, 1)
+
+
+def test_group_regex_gives_patient_ids_and_group_disjoint_splits(tmp_path):
+    root = patient_folder(tmp_path / "d", patients=8)
+    data = folder.load(data_config(root, group_regex=r"(P\d+)_"))
+    assert data.groups.dtype == np.int64 and len(np.unique(data.groups)) == 16
+    patient = np.array([os.path.basename(p).split("_")[0] for p in data.paths])
+    for g in np.unique(data.groups):
+        assert len(set(patient[data.groups == g])) == 1
+    folder.check_enough(data, val_fraction=0.2, test_fraction=0.2, num_fractions=2, fraction=0.4)
+    for seed in range(3):
+        splits = make_splits(
+            data.labels,
+            data.groups,
+            val_fraction=0.2,
+            test_fraction=0.2,
+            num_fractions=2,
+            fraction=0.4,
+            label_ratio=1.0,
+            seed=seed,
+        )
+        assert splits.split_by == "group"
+        assert_group_disjoint(data, splits)
+
+
+def test_manifest_groups_fixed_split_and_unlisted_images(tmp_path, caplog):
+    root = tmp_path / "m"
+    rows = ["path,label,group,split,age"]
+    for i in range(24):
+        save_any(root / "flat" / f"img{i:02d}.png", 100 + i)
+        patient = f"ear{i // 2}"
+        split = "test" if i // 2 in (0, 1) else ""
+        if i == 5:  # the second image of ear2 names a split, the first leaves it empty
+            split = "val"
+        rows.append(
+            f"flat/img{i:02d}.png,{'otitis' if i % 4 < 2 else 'normal'},{patient},{split},7"
+        )
+    save_any(root / "flat" / "extra.png", 999)
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING):
+        data = folder.load(data_config(root))
+    assert data.class_names == ("normal", "otitis")
+    assert len(data) == 24 and len(np.unique(data.groups)) == 12
+    assert "extra.png" in caplog.text and "not in the manifest" in caplog.text
+    assert "age" in caplog.text and "img04.png -> val" in caplog.text
+    split = dict(zip([os.path.basename(p) for p in data.paths], data.split, strict=True))
+    assert split["img00.png"] == split["img03.png"] == "test"
+    assert split["img04.png"] == split["img05.png"] == "val"
+    splits = make_splits(
+        data.labels,
+        data.groups,
+        val_fraction=0.2,
+        test_fraction=0.2,
+        num_fractions=2,
+        fraction=0.4,
+        label_ratio=1.0,
+        seed=0,
+        fixed_split=data.split,
+    )
+    assert set(splits.test) >= set(np.flatnonzero(data.split == "test"))
+    assert_group_disjoint(data, splits)
+    # data.manifest elsewhere, paths relative to the manifest's folder, no data.root.
+    other = tmp_path / "lists" / "mine.csv"
+    other.parent.mkdir()
+    other.write_text("path,label\n../m/flat/img00.png,a\n../m/flat/img01.png,b\n")
+    mine = folder.load(data_config("", manifest=str(other)))
+    assert mine.class_names == ("a", "b") and mine.groups is None and mine.split is None
+
+
+def test_same_class_duplicates_are_skipped_with_a_warning(tmp_path, caplog):
+    root = patient_folder(tmp_path / "d", patients=2, nested=False)
+    first = sorted((root / "benign").iterdir())[0]
+    (root / "benign" / "zz_copy.png").write_bytes(first.read_bytes())
+    with caplog.at_level(logging.WARNING):
+        data = folder.load(data_config(root))
+    assert len(data) == 12
+    assert "zz_copy.png" in caplog.text and first.name in caplog.text
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _two_classes(root):
+    save_any(root / "a" / "1.png", 1)
+    save_any(root / "b" / "2.png", 2)
+    return root
+
+
+def _truncated(root):
+    _two_classes(root)
+    data = (root / "a" / "1.png").read_bytes()
+    (root / "a" / "1.png").write_bytes(data[: len(data) // 2])
+    return root
+
+
+def _fake_image(root):
+    _two_classes(root)
+    (root / "b" / "fake.jpg").write_text("hello")
+    return root
+
+
+def _duplicate_across(root):
+    _two_classes(root)
+    (root / "b" / "same.png").write_bytes((root / "a" / "1.png").read_bytes())
+    return root
+
+
+def _class_without_images(root):
+    _two_classes(root)
+    (root / "c").mkdir()
+    (root / "c" / "notes.txt").write_text("x")
+    return root
+
+
+def _single_class(root):
+    save_any(root / "only" / "1.png", 1)
+    return root
+
+
+def _images_at_root(root):
+    save_any(root / "1.png", 1)
+    return root
+
+
+def _manifest_missing(root):
+    _two_classes(root)
+    (root / "manifest.csv").write_text("path,label\na/1.png,a\nb/2.png,b\nb/gone.png,b\n")
+    return root
+
+
+def _manifest_header(root):
+    _two_classes(root)
+    (root / "manifest.csv").write_text("file,class\na/1.png,a\n")
+    return root
+
+
+def _manifest_split_conflict(root):
+    _two_classes(root)
+    save_any(root / "b" / "3.png", 3)
+    (root / "manifest.csv").write_text(
+        "path,label,group,split\na/1.png,a,P1,train\nb/2.png,b,P1,test\nb/3.png,b,P2,\n"
+    )
+    return root
+
+
+def _empty_root(root):
+    root.mkdir()
+    return root
+
+
+@pytest.mark.parametrize(
+    "make,overrides,needles",
+    [
+        (lambda r: r, {}, ["does not exist", "Fix: set --config.data.root"]),
+        (_empty_root, {}, ["is empty", "DIR/<class>/<image>"]),
+        (_class_without_images, {}, ["/c", "notes.txt", "add images", "remove the folders"]),
+        (_single_class, {}, ["single class folder", "'only'", "at least 2"]),
+        (_images_at_root, {}, ["no class folders", "1.png", "manifest.csv"]),
+        (_truncated, {}, ["a/1.png", "truncated", "Fix: re-copy or re-export"]),
+        (_fake_image, {}, ["b/fake.jpg", "not a PNG, JPEG", "Fix: re-copy"]),
+        (_duplicate_across, {}, ["a/1.png [a]", "b/same.png [b]", "Fix: delete the copy"]),
+        (_manifest_missing, {}, ["b/gone.png", "line 4", "do not exist", "Fix: correct"]),
+        (_manifest_header, {}, ["no path and no label column", "Fix: the first line"]),
+        (_manifest_split_conflict, {}, ["'P1'", "two splits", "a/1.png", "b/2.png", "same split"]),
+        (_two_classes, {"group_regex": r"(P\d+)"}, ["no patient id", "a/1.png", "capture group"]),
+        (_two_classes, {"group_regex": r"P\d+"}, ["no capture group", "Fix"]),
+        (_two_classes, {"group_regex": r"(P"}, ["not a valid regular expression", "Fix"]),
+        (_two_classes, {"channels": 4}, ["data.channels=4", "use 1"]),
+        (_two_classes, {"manifest": "/no/such.csv"}, ["data.manifest=/no/such.csv", "Fix"]),
+    ],
+)
+def test_bad_input_is_a_data_error_naming_file_and_fix(tmp_path, make, overrides, needles):
+    root = make(tmp_path / "root")
+    with pytest.raises(DataError) as e:
+        folder.load(data_config(root, **overrides))
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))
+
+
+def test_all_damaged_files_are_listed_at_once(tmp_path):
+    root = _truncated(tmp_path / "root")
+    (root / "b" / "fake.png").write_text("nope")
+    with pytest.raises(DataError, match=r"(?s)2 image\(s\).*a/1.png.*b/fake.png"):
+        folder.load(data_config(root))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decompression_bombs_are_data_errors_and_the_limit_stays_on(tmp_path, monkeypatch):
+    root = _two_classes(tmp_path / "root")
+    save(root / "a" / "warn_zone.png", noise(5, (12, 12)))  # 144 px: Pillow would only warn
+    save(root / "b" / "error_zone.png", noise(6, (30, 30)))  # 900 px: Pillow raises
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(DataError) as e:
+        folder.load(data_config(root))
+    message = str(e.value)
+    assert "warn_zone.png" in message and "error_zone.png" in message
+    assert "decompression" in message and "Fix: downscale or tile" in message
+    assert Image.MAX_IMAGE_PIXELS == 100
+
+
+def test_check_enough_names_short_classes_and_the_fix(tmp_path):
+    root = tmp_path / "root"
+    for i in range(20):
+        save_any(root / "common" / f"{i}.png", i)
+    for i in range(3):
+        save_any(root / "rare" / f"{i}.png", 100 + i)
+    data = folder.load(data_config(root))
+    with pytest.raises(DataError) as e:
+        folder.check_enough(
+            data, val_fraction=0.15, test_fraction=0.2, num_fractions=3, fraction=0.1
+        )
+    message = str(e.value)
+    assert "'rare' (3 images): none in val" in message and "'common'" not in message
+    assert "about 16 images" in message and "Fix: add images" in message
+    assert "chain.fraction" in message
+    # The same data passes with one large fraction and large held-out shares.
+    folder.check_enough(data, val_fraction=0.34, test_fraction=0.34, num_fractions=1, fraction=1.0)
+
+
+# ----------------------------------------------------------------------------- cache, progress
+
+
+def test_cache_hit_on_second_load_never_decodes(tmp_path, monkeypatch):
+    root = patient_folder(tmp_path / "d", patients=2)
+    cache_dir = tmp_path / "cache"
+    first = folder.load(data_config(root, cache_dir=str(cache_dir)))
+    entries = list(cache_dir.rglob("*.npy"))
+    assert len(entries) == len(first)
+    assert not list(cache_dir.rglob(".tmp-*"))  # atomic writes leave no temporaries
+
+    def fail(*args, **kwargs):
+        raise AssertionError("decoded although cached")
+
+    monkeypatch.setattr(folder, "_open_and_preprocess", fail)
+    second = folder.load(data_config(root, cache_dir=str(cache_dir)))
+    assert (second.images == first.images).all() and (second.labels == first.labels).all()
+    # Other preprocessing settings are other keys: they miss (and here reach the failing decoder).
+    with pytest.raises(AssertionError, match="decoded although cached"):
+        folder.load(data_config(root, cache_dir=str(cache_dir), image_size=S + 8))
+
+
+def test_cache_location_xdg_and_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_lib.cache_root("") == str(tmp_path / "xdg" / "weckd_jax")
+    assert cache_lib.cache_root("none") is None and cache_lib.cache_root("None") is None
+    root = _two_classes(tmp_path / "root")
+    folder.load(data_config(root, cache_dir=""))
+    assert len(list((tmp_path / "xdg" / "weckd_jax").rglob("*.npy"))) == 2
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg2"))
+    folder.load(data_config(root, cache_dir="none"))
+    assert not (tmp_path / "xdg2").exists()
+
+
+def test_scan_progress_is_printed_to_stderr(tmp_path, monkeypatch, capsys):
+    root = patient_folder(tmp_path / "d", patients=2)
+    monkeypatch.setattr(folder._ProgressLine, "interval_s", 0.0)
+    folder.load(data_config(root))
+    err = capsys.readouterr().err
+    assert f"scanning {root}: 1/12 images" in err
+    assert f"scanning {root}: 12/12 images (12 decoded, 0 from the cache)" in err
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_grayscale_folder_trains_a_one_channel_chain(tmp_path):
+    root = tmp_path / "mri"
+    for c, name in enumerate(("no_tumor", "tumor")):
+        for i in range(30):
+            image = noise(1000 * c + i, (24, 24), high=128) + (0 if c == 0 else 100)
+            save(root / name / f"s{i:02d}.png", image.astype(np.uint8))
+    config = smoke_config()
+    config.data.source = "folder"
+    config.data.root = str(root)
+    config.data.channels = 1
+    config.data.image_size = 24
+    config.data.cache_dir = "none"
+    config.train.epochs = 1
+    config.baselines.union_supervised = False
+    config.baselines.full_supervised = False
+    config_lib.validate(config)
+    workdir = str(tmp_path / "run")
+    results = chain.run(config, workdir, Progress(enabled=False))
+    assert results["data"]["channels"] == 1 and results["data"]["source"] == "folder"
+    assert results["data"]["class_names"] == ["no_tumor", "tumor"]
+    assert results["data"]["n_images"] == 60
+    assert [r["link"] for r in results["links"]] == [1, 2]
+    for record in results["links"]:
+        assert record["n_train"] > 0 and 0.0 <= record["test"]["accuracy"] <= 1.0
+        assert checkpoints.has_final(workdir, f"link_{record['link']}")
+    assert results["links"][1]["teachers"] == ["link_1"]
+
+
+@pytest.mark.parametrize(
+    "module,classes,channels",
+    [
+        ("configs.brain_mri_folder", ("glioma", "meningioma", "no_tumor", "pituitary"), 1),
+        ("configs.otoscopy_folder", ("earwax", "normal"), 3),
+    ],
+)
+def test_folder_configs_validate_and_load_their_layout(tmp_path, module, classes, channels):
+    config = importlib.import_module(module).get_config()
+    config_lib.validate(config)
+    assert config.data.source == "folder" and config.data.image_size == 128
+    for c, name in enumerate(classes):
+        save_any(tmp_path / name / f"{c}.png", c)
+    config.data.root = str(tmp_path)
+    config.data.cache_dir = "none"
+    data = folder.load(config.data)
+    assert data.class_names == classes and data.images.shape == (len(classes), 128, 128, channels)
