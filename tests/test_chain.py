@@ -80,19 +80,9 @@ def test_fractions_disjoint_and_test_split_never_trained_on(tmp_path, monkeypatc
     monkeypatch.setattr(pipeline, "train_pipeline", recording)
     chain.run(config, str(tmp_path), Progress(enabled=False))
     from weckd_jax import data as data_lib
-    from weckd_jax.data.splits import make_splits
 
     data = data_lib.load(config.data, seed=config.seed)
-    splits = make_splits(
-        data.labels,
-        data.groups,
-        val_fraction=config.data.val_fraction,
-        test_fraction=config.data.test_fraction,
-        num_fractions=config.chain.length,
-        fraction=config.chain.fraction,
-        label_ratio=config.chain.label_ratio,
-        seed=config.seed,
-    )
+    splits = chain.make_run_splits(config, data)
     link1, link2, union = trained_on
     assert not set(link1.tolist()) & set(link2.tolist())
     np.testing.assert_array_equal(np.sort(union), np.sort(np.concatenate([link1, link2])))

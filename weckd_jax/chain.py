@@ -7,6 +7,7 @@ lives in `weckd_jax.train` and `weckd_jax.losses`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -16,13 +17,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from weckd_jax import checkpoints, files, metrics, parallel, report, train
+from weckd_jax import checkpoints, figures, files, metrics, parallel, report, report_md, train
 from weckd_jax import config as config_lib
 from weckd_jax import data as data_lib
+from weckd_jax import seeds as seeds_lib
 from weckd_jax.data import pipeline
 from weckd_jax.data.folder import check_enough
 from weckd_jax.data.splits import Splits, make_splits
 from weckd_jax.data.types import ImageSet
+from weckd_jax.metrics_log import MetricsLog
 from weckd_jax.progress import Progress, Timer
 
 PyTree = Any
@@ -100,6 +103,7 @@ def train_job(
     workdir: str,
     progress: Progress,
     timer: Timer,
+    metrics_log: MetricsLog,
 ) -> None:
     """Trains ``job`` and saves the epoch with the best validation accuracy as its final checkpoint.
 
@@ -164,8 +168,7 @@ def train_job(
                 batches,
             )
         state = state.replace(step=parallel.replicate(np.int32(start), mesh), **arrays)
-        if jax.process_index() == 0:
-            _drop_logged_after(workdir, job.name, start)
+        metrics_log.drop_after(job.name, start)
         progress.print(f"{job.name}: resuming from step {start} of {total_steps}")
 
     eval_kw = {"batch_size": cfg_train.eval_batch_size, "mesh": mesh}
@@ -213,8 +216,7 @@ def train_job(
         with timer("checkpoint"):
             saver.save(done, state, best_variables, loop, batches)
         if epoch_end:
-            if jax.process_index() == 0:
-                _log_metrics(workdir, record)
+            metrics_log.write(record)
             progress.update(record, epoch)
         window_start = time.perf_counter()
     progress.finish()
@@ -267,26 +269,6 @@ def _epoch_record(job: Job, epoch: int, step: int, step_metrics: list[dict], thr
     return {"run": job.name, "epoch": epoch, "step": step, **summary, "images_per_s": throughput}
 
 
-def _log_metrics(workdir: str, record: dict) -> None:
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _drop_logged_after(workdir: str, name: str, step: int) -> None:
-    """Removes ``name``'s metrics lines past ``step`` (logged before a kill, then rolled back)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = [
-        line
-        for line in lines
-        if not (json.loads(line)["run"] == name and json.loads(line)["step"] > step)
-    ]
-    files.write_text(path, "".join(kept))
-
-
 def _check_finite(name: str, epoch_steps: int, first_step: int, step_metrics: list) -> None:
     """Stops the job at the first step whose loss or gradient was NaN/Inf."""
     for i, m in enumerate(step_metrics):
@@ -310,6 +292,21 @@ def restore_finished(
     shapes = jax.eval_shape(lambda: spec.build().init(jax.random.key(0), dummy, train=False))
     variables, _ = checkpoints.restore_final(workdir, name, checkpoints.abstract_like(shapes, mesh))
     return spec, variables
+
+
+def make_run_splits(config, data: ImageSet) -> Splits:
+    """The train/val/test split and chain fractions a run with ``config`` uses on ``data``."""
+    return make_splits(
+        data.labels,
+        data.groups,
+        val_fraction=config.data.val_fraction,
+        test_fraction=config.data.test_fraction,
+        num_fractions=config.chain.length,
+        fraction=config.chain.fraction,
+        label_ratio=config.chain.label_ratio,
+        seed=config.seed,
+        fixed_split=data.split,
+    )
 
 
 def plan_jobs(config, splits: Splits, num_classes: int) -> list[Job]:
@@ -405,23 +402,14 @@ def run(config, workdir: str, progress: Progress) -> dict:
             fraction=config.chain.fraction,
             seed=config.seed,
         )
-        splits = make_splits(
-            data.labels,
-            data.groups,
-            val_fraction=config.data.val_fraction,
-            test_fraction=config.data.test_fraction,
-            num_fractions=config.chain.length,
-            fraction=config.chain.fraction,
-            label_ratio=config.chain.label_ratio,
-            seed=config.seed,
-            fixed_split=data.split,
-        )
+        splits = make_run_splits(config, data)
     report.print_data_summary(progress, data, splits)
     mesh = parallel.data_mesh()
     jobs = plan_jobs(config, splits, data.num_classes)
     eval_kw = {"batch_size": config.train.eval_batch_size, "mesh": mesh}
 
-    records = {}
+    records, test_probs = {}, {}
+    metrics_log = MetricsLog(workdir, enabled=writer)
     for job in jobs:
         record_path = os.path.join(workdir, "jobs", f"{job.name}.json")
         if os.path.exists(record_path):
@@ -439,13 +427,14 @@ def run(config, workdir: str, progress: Progress) -> dict:
                 workdir=workdir,
                 progress=progress,
                 timer=timer,
+                metrics_log=metrics_log,
             )
         # The test split is touched once per model, on the weights as saved on disk.
         with timer("checkpoint"):
             _, variables = restore_finished(workdir, job.name, mesh, data.images.shape[1:])
             meta = checkpoints.read_final_meta(workdir, job.name)
         with timer("eval"):
-            _, test = evaluate(job.spec, variables, data, splits.test, **eval_kw)
+            test_probs[job.name], test = evaluate(job.spec, variables, data, splits.test, **eval_kw)
         records[job.name] = {
             "name": job.name,
             "backbone": job.spec.backbone,
@@ -484,7 +473,38 @@ def run(config, workdir: str, progress: Progress) -> dict:
             "compiles": train.compile_count(),
         },
     }
+    metrics_log.close()
+    last = [job for job in jobs if job.name.startswith("link_")][-1]
+    if last.name not in test_probs:  # reloaded from an earlier run: the figures need its outputs
+        _, variables = restore_finished(workdir, last.name, mesh, data.images.shape[1:])
+        test_probs[last.name], _ = evaluate(last.spec, variables, data, splits.test, **eval_kw)
     if writer:
         files.write_json(os.path.join(workdir, "results.json"), results)
+        figures.write_figures(
+            workdir, results, probs=test_probs[last.name], labels=data.labels[splits.test]
+        )
+        report_md.write_report(workdir, results)
     report.print_results(progress, results)
     return results
+
+
+def run_seeds(config, workdir: str, progress: Progress) -> dict:
+    """One chain per seed of ``config.seeds`` in ``workdir/seed_<s>/``, then ``summary.json``,
+    ``summary.md`` and the summary figures in ``workdir``: mean ± std over seeds, and the gains
+    of the last link paired across seeds."""
+    bind_workdir(config, workdir, jax.process_index() == 0)
+    results = {}
+    for seed in config_lib.seed_list(config):
+        progress.print(f"== seed {seed}")
+        seed_config = copy.deepcopy(config)
+        with seed_config.unlocked():
+            seed_config.seed = seed
+            seed_config.seeds = ""
+        results[seed] = run(seed_config, os.path.join(workdir, f"seed_{seed}"), progress)
+    summary = seeds_lib.summarize(results)
+    if jax.process_index() == 0:
+        files.write_json(os.path.join(workdir, "summary.json"), summary)
+        figures.write_summary_figures(workdir, summary)
+        report_md.write_summary(workdir, summary)
+    report.print_summary(progress, summary)
+    return summary

@@ -17,6 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
     """All keys of a run with their defaults (the embedded otoscopy-like default run)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.seeds = ""  # "0,1,2": one chain per seed in DIR/seed_<s>/ plus a summary (overrides seed)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # "synthetic" (embedded generator) | "folder" | "tfds"
@@ -95,6 +96,11 @@ def get_config() -> ml_collections.ConfigDict:
     return base_config()
 
 
+def seed_list(config) -> list[int]:
+    """The seeds of a multi-seed run (``seeds = "0,1,2"``), or [] for a single run."""
+    return [int(v) for v in str(config.seeds).split(",") if v.strip()]
+
+
 class ConfigError(ValueError):
     """A config value is out of range or names something that does not exist."""
 
@@ -112,6 +118,13 @@ def validate(config) -> None:
 
     c = config
     need(c.seed >= 0, f"seed={c.seed} must be >= 0")
+    try:
+        seeds = seed_list(c)
+    except ValueError:
+        message = f"seeds={c.seeds!r} must be comma-separated integers, e.g. 0,1,2"
+        raise ConfigError(message) from None
+    need(all(s >= 0 for s in seeds), f"seeds={c.seeds!r} must be >= 0")
+    need(len(set(seeds)) == len(seeds), f"seeds={c.seeds!r} repeats a seed")
     need(
         c.data.source in data_lib.SOURCES,
         f"data.source={c.data.source!r} is unknown; valid: {', '.join(data_lib.SOURCES)}",

@@ -85,3 +85,25 @@ def print_results(progress, results: dict) -> None:
     runtime = results["runtime"]
     split = ", ".join(f"{k} {v:.1f}" for k, v in runtime["time_split"].items())
     progress.print(f"wall time {runtime['wall_seconds']:.0f} s ({split})")
+
+
+def print_summary(progress, summary: dict) -> None:
+    """Test accuracy mean ± std over seeds per link and baseline, and the paired gains."""
+    progress.print()
+    progress.print(f"over seeds {summary['seeds']}: test accuracy, mean ± std (per seed)")
+    rows = [(f"link {r['link']}", r) for r in summary["links"]]
+    rows += list(summary["baselines"].items())
+    for name, r in rows:
+        acc = r["test"]["accuracy"]
+        values = ", ".join(f"{v:.3f}" for v in acc["values"])
+        progress.print(f"  {name:<18}{acc['mean']:.3f} ± {acc['std']:.3f}   ({values})")
+    for key, label in (
+        ("last_minus_link_1", "last link - link 1"),
+        ("last_minus_union_supervised", "last link - union baseline"),
+    ):
+        if key in summary["gains"]:
+            gain = summary["gains"][key]["accuracy"]
+            progress.print(
+                f"  {label:<28}{100 * gain['mean']:+.1f} ± {100 * gain['std']:.1f} points, "
+                f"better in {gain['wins']}/{gain['n']} seeds"
+            )

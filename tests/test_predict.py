@@ -1,0 +1,256 @@
+"""``python -m weckd_jax.predict`` and ``python -m weckd_jax.evaluate`` on the smoke run."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO
+from weckd_jax import chain, evaluate, parallel, predict
+from weckd_jax import data as data_lib
+
+SMOKE = os.path.join(REPO, "configs", "smoke.py")
+N_IMAGES = 12
+
+
+@pytest.fixture(scope="module")
+def images(smoke_run, tmp_path_factory):
+    """PNGs of the smoke run's first test images in nested folders, and the probabilities
+    `chain.evaluate` gives on the same images for each link: ``(folder, paths, {link: probs})``.
+    """
+    config, workdir, results = smoke_run
+    data = data_lib.load(config.data, seed=config.seed)
+    splits = chain.make_run_splits(config, data)
+    index = splits.test[:N_IMAGES]
+    folder = tmp_path_factory.mktemp("predict_images")
+    paths = []
+    for i, row in enumerate(index):
+        sub = folder / ("a" if i < N_IMAGES // 2 else "b/c")  # sorted order = index order
+        sub.mkdir(parents=True, exist_ok=True)
+        path = sub / f"{i:03d}.png"
+        Image.fromarray(data.images[row]).save(path)
+        paths.append(str(path))
+    (folder / "notes.txt").write_text("not an image")  # ignored: not an image extension
+    (folder / ".hidden.png").write_bytes(b"")  # ignored: hidden
+    mesh = parallel.data_mesh()
+    shape = data.images.shape[1:]
+    reference = {}
+    for link in results["links"]:
+        spec, variables = chain.restore_finished(workdir, link["name"], mesh, shape)
+        probs, _ = chain.evaluate(spec, variables, data, index, batch_size=64, mesh=mesh)
+        reference[link["link"]] = probs
+    return str(folder), paths, reference
+
+
+def _run(argv, capsys):
+    code = predict.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_probabilities_equal_chain_evaluate(smoke_run, images):
+    _, workdir, results = smoke_run
+    folder, paths, reference = images
+    found = predict.find_images(folder)
+    assert found == paths
+    out = predict.predict(workdir, found, batch_size=5)  # 12 images: 3 batches, the last padded
+    assert out.model == "link_2" and out.skipped == []
+    assert out.class_names == results["data"]["class_names"]
+    assert out.probs.shape == (N_IMAGES, len(out.class_names))
+    np.testing.assert_allclose(out.probs, reference[2], atol=1e-5)
+    assert out.predicted == [out.class_names[i] for i in reference[2].argmax(1)]
+
+
+def test_cli_csv_schema_and_table(smoke_run, images, tmp_path, capsys):
+    _, workdir, results = smoke_run
+    folder, paths, reference = images
+    output = str(tmp_path / "out" / "predictions.csv")
+    code, out, err = _run(["--workdir", workdir, "--images", folder, "--output", output], capsys)
+    assert code == 0, err
+    names = results["data"]["class_names"]
+    with open(output, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["path", "predicted", *names]
+    assert [r[0] for r in rows[1:]] == paths
+    probs = np.array([[float(v) for v in r[2:]] for r in rows[1:]])
+    np.testing.assert_allclose(probs, reference[2], atol=1e-5)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert [r[1] for r in rows[1:]] == [names[i] for i in reference[2].argmax(1)]
+    assert f"{N_IMAGES} image(s) by link_2" in out
+    assert os.path.basename(paths[0]) in out and f"wrote {output}" in out
+    assert err == ""
+
+
+def test_link_selection_and_single_image(smoke_run, images, tmp_path, capsys):
+    _, workdir, _ = smoke_run
+    _, paths, reference = images
+    output = str(tmp_path / "one.csv")
+    code, out, err = _run(
+        ["--workdir", workdir, "--images", paths[3], "--link", "1", "--output", output], capsys
+    )
+    assert code == 0, err
+    with open(output, newline="") as f:
+        rows = list(csv.reader(f))
+    assert len(rows) == 2 and rows[1][0] == paths[3]
+    np.testing.assert_allclose([float(v) for v in rows[1][2:]], reference[1][3], atol=1e-5)
+    assert "1 image(s) by link_1" in out
+    assert not np.allclose(reference[1], reference[2], atol=1e-4)  # the links do differ
+
+
+def test_unreadable_image_is_skipped_with_a_warning(smoke_run, images, tmp_path, capsys):
+    _, workdir, _ = smoke_run
+    _, paths, reference = images
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = folder / "good.png"
+    with open(paths[0], "rb") as f:
+        good.write_bytes(f.read())
+    (folder / "broken.png").write_bytes(b"\x89PNG but truncated")
+    output = str(tmp_path / "mixed.csv")
+    code, out, err = _run(
+        ["--workdir", workdir, "--images", str(folder), "--output", output], capsys
+    )
+    assert code == 0
+    assert f"warning: skipped {folder / 'broken.png'}" in err
+    assert "1 of 2 image(s) could not be decoded" in err
+    with open(output, newline="") as f:
+        rows = list(csv.reader(f))
+    assert [r[0] for r in rows[1:]] == [str(good)]
+    np.testing.assert_allclose([float(v) for v in rows[1][2:]], reference[2][0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_results", "has no results.json"),
+        ("missing_workdir", "does not exist"),
+        ("bad_link", "--link 7 does not exist: the run in"),
+        ("no_images", "no images found under"),
+        ("missing_images", "--images"),
+        ("all_unreadable", "none of the 1 image(s) could be decoded"),
+        ("no_checkpoint", "has no final checkpoint for link_2"),
+    ],
+)
+def test_user_errors_exit_2_with_one_message(case, message, smoke_run, images, tmp_path, capsys):
+    _, workdir, results = smoke_run
+    _, paths, _ = images
+    args = {"workdir": workdir, "images": paths[0]}
+    if case == "no_results":
+        args["workdir"] = str(tmp_path)
+    elif case == "missing_workdir":
+        args["workdir"] = str(tmp_path / "nowhere")
+    elif case == "bad_link":
+        args["link"] = "7"
+    elif case == "no_images":
+        (tmp_path / "empty" / "sub").mkdir(parents=True)
+        (tmp_path / "empty" / "sub" / "readme.txt").write_text("x")
+        args["images"] = str(tmp_path / "empty")
+    elif case == "missing_images":
+        args["images"] = str(tmp_path / "nothing.png")
+    elif case == "all_unreadable":
+        (tmp_path / "bad.jpg").write_bytes(b"nope")
+        args["images"] = str(tmp_path / "bad.jpg")
+    elif case == "no_checkpoint":
+        fake = tmp_path / "run"
+        fake.mkdir()
+        (fake / "results.json").write_text(json.dumps(results))
+        args["workdir"] = str(fake)
+    argv = [f"--{k}={v}" for k, v in args.items()]
+    code, out, err = _run(argv, capsys)
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, err
+    assert "Traceback" not in err and out == ""
+
+
+def test_module_entry_point_reports_errors_plainly(smoke_run, images):
+    _, workdir, _ = smoke_run
+    _, paths, _ = images
+    cmd = [sys.executable, "-m", "weckd_jax.predict", "--workdir", workdir, "--images", paths[0]]
+    out = subprocess.run(cmd + ["--link", "9"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2
+    assert "error: --link 9 does not exist: the run in" in out.stderr
+    assert "Traceback" not in out.stderr
+    usage = subprocess.run(cmd[:3], capture_output=True, text=True, cwd=REPO)  # no --workdir
+    assert usage.returncode == 2 and "required" in usage.stderr
+
+
+# ------------------------------------------------------------------------------------- evaluate
+
+
+def _approx_metrics(actual, expected):
+    """Metric dicts equal, floats to 1e-9."""
+    assert set(actual) == set(expected)
+    for key, value in expected.items():
+        if isinstance(value, dict):
+            _approx_metrics(actual[key], value)
+        elif isinstance(value, float) or (
+            isinstance(value, list) and any(isinstance(v, float) for v in value)
+        ):
+            assert actual[key] == pytest.approx(value, abs=1e-9), key
+        else:
+            assert actual[key] == value, key
+
+
+def test_evaluate_cli_reproduces_the_run_test_metrics(smoke_run, capsys):
+    _, workdir, results = smoke_run
+    code = evaluate.main(["evaluate", "--workdir", workdir, "--config", SMOKE, "--split", "test"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    path = os.path.join(workdir, "evaluations", "smoke-test.json")
+    with open(path) as f:
+        evaluation = json.load(f)
+    assert evaluation["split"] == "test" and evaluation["name"] == "smoke"
+    assert evaluation["data"]["n"] == results["data"]["n_test"]
+    assert evaluation["data"]["class_counts"] == results["data"]["class_counts"]["test"]
+    assert evaluation["data"]["same_data_as_run"] is True
+    assert [r["link"] for r in evaluation["links"]] == [r["link"] for r in results["links"]]
+    for mine, theirs in zip(evaluation["links"], results["links"], strict=True):
+        _approx_metrics(mine["metrics"], theirs["test"])
+    assert set(evaluation["baselines"]) == set(results["baselines"])
+    for name, record in results["baselines"].items():
+        _approx_metrics(evaluation["baselines"][name]["metrics"], record["test"])
+    # The table: one row per model with the accuracy on this data and the run's test accuracy.
+    acc = results["links"][-1]["test"]["accuracy"]
+    assert any(line.startswith("link 2") and f"{acc:.3f}" in line for line in out.out.splitlines())
+    assert "synthetic" in out.out and f"wrote {path}" in out.out
+
+
+def test_evaluate_val_and_all_splits(smoke_run):
+    config, workdir, results = smoke_run
+    val = evaluate.evaluate_workdir(workdir, config, split="val", name="same")
+    # The validation metrics of the chosen epoch, recomputed from the weights on disk.
+    for mine, theirs in zip(val["links"], results["links"], strict=True):
+        _approx_metrics(mine["metrics"], theirs["val"])
+    assert any("optimistic" in note for note in val["notes"])
+    everything = evaluate.evaluate_workdir(workdir, config, split="all", name="same")
+    assert everything["data"]["n"] == results["data"]["n_images"]
+    assert everything["data"]["split_by"] is None
+    assert any("trained on" in note for note in everything["notes"])
+    assert os.path.isfile(os.path.join(workdir, "evaluations", "same-all.json"))
+
+
+def test_evaluate_refuses_other_classes_and_unknown_flags(smoke_run, capsys):
+    _, workdir, _ = smoke_run
+    base = ["evaluate", "--workdir", workdir, "--config", SMOKE]
+    assert evaluate.main(base + ["--config.data.modality=microscopy"]) == 2
+    err = capsys.readouterr().err
+    assert "classes the models were not trained on" in err and "Trained classes: normal" in err
+    assert evaluate.main(base + ["--split", "holdout"]) == 2
+    assert "--split" in capsys.readouterr().err
+    assert evaluate.main(base + ["--config.data.nope=1"]) == 2
+    assert "unknown config key" in capsys.readouterr().err
+    assert evaluate.main(["evaluate", "--workdir", workdir]) == 2
+    assert "required" in capsys.readouterr().err
+
+
+def test_label_map_by_name():
+    trained = ["a", "b", "c"]
+    np.testing.assert_array_equal(evaluate._label_map(trained, ("c", "a"), "x"), [2, 0])
+    with pytest.raises(evaluate.EvaluateError, match="not trained on: d"):
+        evaluate._label_map(trained, ("a", "d"), "x")

@@ -1,0 +1,314 @@
+"""Evaluates every trained link and baseline of a run on the data another config names.
+
+    python -m weckd_jax.evaluate --workdir DIR --config CFG [--split test|val|train|all]
+                                 [--name NAME] [--config.key=value ...]
+
+Typical uses: external validation on another hospital's images (a ``folder`` config, with
+``--split all``), or another split of the training data. The images are loaded as the config says
+(``data.*``), but always at the trained ``image_size`` and ``channels``; ``--split`` picks the
+images: ``all`` of them, or the ``train`` pool / ``val`` / ``test`` split that
+`weckd_jax.data.splits.make_splits` computes from the config, exactly as a run with this config
+would (same seed and fractions: the same split). With the run's own config and ``--split test``
+the metrics equal the ``test`` entries of ``DIR/results.json``.
+
+Every class of the new data must be a class the models were trained on (matched by name; the new
+data may hold fewer classes, in any order); otherwise the command stops with exit status 2.
+Writes ``DIR/evaluations/<NAME>-<split>.json`` (``NAME``: the config file's name without ``.py``)
+with one `weckd_jax.metrics.classification_metrics` dict per model under ``metrics``, and prints
+a table next to each model's test accuracy in the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+from weckd_jax import chain, checkpoints, files, parallel, predict
+from weckd_jax import config as config_lib
+from weckd_jax import data as data_lib
+from weckd_jax.data import DataError
+from weckd_jax.data.splits import SplitError
+from weckd_jax.progress import Progress
+
+__all__ = ["SPLITS", "EvaluateError", "evaluate_workdir", "main", "select"]
+
+SPLITS = ("test", "val", "train", "all")
+
+
+class EvaluateError(Exception):
+    """A user error: the message names the problem and the fix (exit status 2)."""
+
+
+def _load_run(workdir: str) -> dict:
+
+    try:
+        return predict.load_results(workdir)
+    except predict.PredictError as e:
+        raise EvaluateError(str(e)) from None
+
+
+def _models(workdir: str, results: dict) -> list[tuple[str, dict]]:
+    """``(name, record)`` of every link, then every baseline, each with a final checkpoint."""
+
+    models = [(r["name"], r) for r in results["links"]]
+    models += list(results.get("baselines", {}).items())
+    for name, _ in models:
+        if not checkpoints.has_final(workdir, name):
+            raise EvaluateError(
+                f"{workdir} has no final checkpoint for {name} "
+                f"({checkpoints.final_dir(workdir, name)}): were the checkpoints moved or deleted?"
+            )
+    return models
+
+
+def select(config, data, split: str):
+    """Indices of ``split`` in ``data`` (as a run with ``config`` splits it) and the split level.
+
+    Returns ``(index, split_by)``; ``split_by`` is ``None`` for ``all``.
+    """
+    if split == "all":
+        return np.arange(len(data)), None
+    splits = chain.make_run_splits(config, data)
+    return getattr(splits, split), splits.split_by
+
+
+def _label_map(trained: list[str], new: tuple[str, ...], source: str) -> np.ndarray:
+    """``map[new_label] = trained_label``; every new class must be a trained one."""
+    unknown = [n for n in new if n not in trained]
+    if unknown:
+        raise EvaluateError(
+            f"the data of {source} has classes the models were not trained on: "
+            f"{', '.join(unknown)}. Trained classes: {', '.join(trained)}. Rename the class "
+            "folders (or manifest labels) to the trained names, or leave those images out."
+        )
+    return np.array([trained.index(n) for n in new], np.int64)
+
+
+def _same_data(workdir: str, config) -> bool:
+    """Whether ``config`` names the data (and seed) the run in ``workdir`` was trained on."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    current = json.loads(config.to_json_best_effort())
+    keys = ("data", "seed")
+    return all(saved.get(k) == current.get(k) for k in keys)
+
+
+def evaluate_workdir(
+    workdir: str, config, *, split: str = "test", name: str = "eval", progress=None
+) -> dict:
+    """Evaluates every link and baseline of ``workdir`` on ``split`` of the data ``config`` names.
+
+    Args:
+      workdir: a finished run (``results.json``, ``checkpoints/``).
+      config: a run config (`weckd_jax.config.base_config` layout); its ``data.image_size`` and
+        ``data.channels`` are replaced by the trained ones.
+      split: one of `SPLITS`.
+      name: names the output file ``workdir/evaluations/<name>-<split>.json``.
+      progress: optional `weckd_jax.progress.Progress` for the notes and the table.
+
+    Returns:
+      The dict written to the output file (also under the key ``path``, not written).
+
+    Raises:
+      EvaluateError, weckd_jax.config.ConfigError, weckd_jax.data.DataError,
+      weckd_jax.data.splits.SplitError: with a message naming the problem.
+    """
+
+    if split not in SPLITS:
+        raise EvaluateError(f"--split={split} is unknown; valid: {', '.join(SPLITS)}")
+    say = progress.print if progress is not None else (lambda *_: None)
+    results = _load_run(workdir)
+    models = _models(workdir, results)
+    trained = results["data"]
+    trained_names = list(trained["class_names"])
+    size, channels = int(trained["image_size"]), int(trained["channels"])
+
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        changed = [
+            f"data.{key} {config.data[key]} -> {value}"
+            for key, value in (("image_size", size), ("channels", channels))
+            if config.data[key] != value and not (key == "channels" and config.data[key] == 0)
+        ]
+        config.data.image_size = size
+        if config.data.source != "synthetic":
+            config.data.channels = channels
+    if changed:
+        say(f"note: the models were trained at {size}x{size}x{channels}; set {'; '.join(changed)}")
+    config_lib.validate(config)
+    same_data = _same_data(workdir, config)
+
+    data = data_lib.load(config.data, seed=config.seed)
+    if data.images.shape[1:] != (size, size, channels):
+        raise EvaluateError(
+            f"the data of {name} decodes to images of shape {data.images.shape[1:]}, but the "
+            f"models were trained on {(size, size, channels)} (the synthetic modalities fix "
+            "their channels: 1 for mri, 3 otherwise)"
+        )
+    data_names = list(data.class_names)
+    label_map = _label_map(trained_names, data.class_names, name)
+    index, split_by = select(config, data, split)
+    if len(index) == 0:
+        raise EvaluateError(f"the {split} split of {name} is empty")
+    # The new data in the trained class order: probabilities column k = trained class k.
+    labels = label_map[data.labels]
+    data = data_lib.ImageSet(images=data.images, labels=labels, class_names=tuple(trained_names))
+
+    notes = []
+    if same_data and split in ("train", "all"):
+        notes.append(
+            f"{name} names the training data of this run: the {split} images include those the "
+            "models were trained on, so these metrics are optimistic"
+        )
+    elif same_data and split == "val":
+        notes.append(
+            "the val split chose each model's epoch: these metrics are optimistic; report test"
+        )
+    if config.data.source == "synthetic":
+        notes.append("the data is synthetic: no clinical conclusion can be drawn")
+    for note in notes:
+        say(f"note: {note}")
+
+    mesh = parallel.data_mesh()
+    batch_size = config.train.eval_batch_size
+    out_models = {}
+    for model_name, record in models:
+        spec, variables = chain.restore_finished(workdir, model_name, mesh, (size, size, channels))
+        _, m = chain.evaluate(spec, variables, data, index, batch_size=batch_size, mesh=mesh)
+        out_models[model_name] = {
+            **({"link": record["link"]} if "link" in record else {}),
+            "name": model_name,
+            "backbone": record.get("backbone", spec.backbone),
+            "metrics": m,
+            "run_test_accuracy": record.get("test", {}).get("accuracy"),
+        }
+
+    evaluation = {
+        "workdir": os.path.abspath(workdir),
+        "name": name,
+        "split": split,
+        "config": json.loads(config.to_json_best_effort()),
+        "data": {
+            "source": config.data.source,
+            "split_by": split_by,
+            "n": int(len(index)),
+            "class_names": trained_names,
+            "data_class_names": data_names,
+            "class_counts": np.bincount(labels[index], minlength=len(trained_names)).tolist(),
+            "same_data_as_run": same_data,
+        },
+        "notes": notes,
+        "links": [v for v in out_models.values() if "link" in v],
+        "baselines": {k: v for k, v in out_models.items() if "link" not in v},
+        "devices": jax.device_count(),
+    }
+    path = os.path.join(workdir, "evaluations", f"{name}-{split}.json")
+    if jax.process_index() == 0:
+        files.write_json(path, evaluation)
+    if progress is not None:
+        print_table(progress, evaluation)
+        progress.print(f"wrote {path}")
+    return {**evaluation, "path": path}
+
+
+def print_table(progress, evaluation: dict) -> None:
+    """One row per model: metrics on the evaluated data next to the run's own test accuracy."""
+
+    def num(v):
+        return f"{v:>10.3f}" if v is not None else f"{'n/a':>10}"
+
+    data = evaluation["data"]
+    progress.print(
+        f"{evaluation['name']} / {evaluation['split']}: {data['n']} images, per class "
+        + ", ".join(
+            f"{n} {c}" for n, c in zip(data["class_names"], data["class_counts"], strict=True)
+        )
+    )
+    progress.print(
+        f"{'':<18}{'backbone':<13}{'accuracy':>10}{'bal acc':>10}{'macro-F1':>10}"
+        f"{'macro-AUC':>10}{'ECE':>10}{'run test':>10}"
+    )
+    rows = [(f"link {r['link']}", r) for r in evaluation["links"]]
+    rows += list(evaluation["baselines"].items())
+    for label, r in rows:
+        m = r["metrics"]
+        progress.print(
+            f"{label:<18}{r['backbone']:<13}{num(m['accuracy'])}{num(m['balanced_accuracy'])}"
+            f"{num(m['macro_f1'])}{num(m['macro_auc'])}{num(m['ece'])}"
+            f"{num(r['run_test_accuracy'])}"
+        )
+
+
+def _flags(argv: list[str]):
+    from absl import flags
+    from ml_collections import config_flags
+
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Config file naming the data to evaluate on.",
+        flag_values=values,
+        lock_config=True,
+        sys_argv=argv,  # the overrides are found in argv (sys.argv when run in-process otherwise)
+    )
+    flags.DEFINE_string("workdir", None, "The trained run's folder.", flag_values=values)
+    flags.DEFINE_enum(
+        "split", "test", list(SPLITS), "Which images of the data.", flag_values=values
+    )
+    flags.DEFINE_string(
+        "name", None, "Output name (default: the config file's name).", flag_values=values
+    )
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (2 and one message on a user error)."""
+    from absl import flags, logging
+    from ml_collections import config_flags
+
+    argv = sys.argv if argv is None else argv
+    values = _flags(argv)
+
+    def fail(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        extra = values(argv)
+    except (AttributeError, KeyError) as e:
+        return fail(
+            f"unknown config key {str(e).strip(chr(34) + chr(39))!r}: the config has no "
+            "such key (all keys are listed in weckd_jax/config.py)"
+        )
+    except flags.Error as e:
+        return fail(str(e))
+    if len(extra) > 1:
+        return fail(f"unexpected arguments: {' '.join(extra[1:])}")
+    if values["workdir"].value is None or values["config"].value is None:
+        return fail("--workdir and --config are required")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
+    config_path = config_flags.get_config_filename(values["config"])
+    name = values["name"].value or os.path.splitext(os.path.basename(config_path))[0]
+    try:
+        evaluate_workdir(
+            values["workdir"].value,
+            values["config"].value,
+            split=values["split"].value,
+            name=name,
+            progress=Progress(),
+        )
+    except (EvaluateError, config_lib.ConfigError, DataError, SplitError) as e:
+        return fail(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

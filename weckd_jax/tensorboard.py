@@ -1,0 +1,105 @@
+"""TensorBoard logging of the per-epoch records a run writes to ``metrics.jsonl``.
+
+``TensorBoardWriter(logdir).write(record)`` logs every numeric entry of a record as the scalar
+``<run>/<key>`` at ``record["step"]`` (the job's optimizer step), e.g. ``link_2/loss``,
+``link_2/temperature``, ``union_supervised/val_accuracy``. ``run``, ``step`` and ``epoch`` are
+not logged as scalars; ``None``, booleans, strings and non-finite values are skipped. View with
+``tensorboard --logdir DIR/tensorboard``.
+
+Written with tensorboardX's event-file writer (no TensorFlow, no PyTorch needed), synchronously.
+Call it on process 0 only, next to the ``metrics.jsonl`` writer.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import math
+import numbers
+import os
+import time
+
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.proto.summary_pb2 import Summary
+
+__all__ = ["EXCLUDED_KEYS", "TensorBoardWriter", "scalars"]
+
+# Record keys that index a scalar rather than being one.
+EXCLUDED_KEYS = frozenset({"run", "step", "epoch"})
+EVENT_GLOB = "events.out.tfevents.*"
+_SERIAL = itertools.count()  # event file names have 1 s resolution: keep two writers apart
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """``{"<run>/<key>": value}`` for every loggable entry of a ``metrics.jsonl`` record."""
+    run = record["run"]
+    out = {}
+    for key, value in record.items():
+        if key in EXCLUDED_KEYS or isinstance(value, bool) or not isinstance(value, numbers.Real):
+            continue
+        value = float(value)
+        if math.isfinite(value):
+            out[f"{run}/{key}"] = value
+    return out
+
+
+class TensorBoardWriter:
+    """Logs ``metrics.jsonl`` records as TensorBoard scalars ``<run>/<key>`` by step.
+
+    Writes synchronously (one event per record, flushed at once: a record is on disk when
+    `write` returns; no background thread or queue). Usable as a context manager.
+    """
+
+    def __init__(self, logdir: str):
+        self.logdir = logdir
+        os.makedirs(logdir, exist_ok=True)
+        self._writer = self._open()
+
+    def _open(self) -> EventsWriter:
+        suffix = f".{os.getpid()}.{next(_SERIAL)}"
+        return EventsWriter(os.path.join(self.logdir, "events"), suffix)
+
+    def write(self, record: dict) -> None:
+        """Logs one record: a dict with ``run`` and ``step``, other keys as in ``metrics.jsonl``."""
+        values = [Summary.Value(tag=t, simple_value=v) for t, v in scalars(record).items()]
+        if not values:
+            return
+        event = Event(
+            wall_time=time.time(), step=int(record["step"]), summary=Summary(value=values)
+        )
+        self._writer.write_event(event)
+        self._writer.flush()
+
+    def rewrite_from(self, metrics_path: str) -> int:
+        """Replaces this logdir's event files with the records in ``metrics_path``.
+
+        After a resumed job has dropped its ``metrics.jsonl`` lines past its last checkpoint, the
+        old event files still hold those steps, and TensorBoard would draw them twice; this
+        makes the logs equal to ``metrics.jsonl`` again. Returns the number of records written.
+        """
+        self._writer.close()
+        for path in glob.glob(os.path.join(self.logdir, EVENT_GLOB)):
+            os.remove(path)
+        self._writer = self._open()
+        count = 0
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                for line in f:
+                    if line.strip():
+                        self.write(json.loads(line))
+                        count += 1
+        return count
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self) -> TensorBoardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
