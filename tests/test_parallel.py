@@ -15,10 +15,8 @@ from weckd_jax import chain, checkpoints, parallel
 SMOKE = os.path.join(REPO, "configs", "smoke.py")
 
 
-def _env(tmp_path, devices=None):
+def _env(devices=None):
     env = dict(os.environ)
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path.parent / "jax_cache")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     if devices:
         env["XLA_FLAGS"] = (
             env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
@@ -70,7 +68,7 @@ def test_eight_devices_match_one_device_step_by_step(tmp_path):
         capture_output=True,
         text=True,
         cwd=REPO,
-        env=_env(tmp_path, devices=8),
+        env=_env(devices=8),
         timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -90,7 +88,7 @@ def test_smoke_chain_on_eight_devices_matches_and_restores_on_one(smoke_run, tmp
         capture_output=True,
         text=True,
         cwd=REPO,
-        env=_env(tmp_path, devices=8),
+        env=_env(devices=8),
         timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -127,7 +125,7 @@ def test_two_processes_on_localhost_match_one_process(smoke_run, tmp_path):
                 f"--process_id={i}",
             ],
             cwd=REPO,
-            env=_env(tmp_path),
+            env=_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -17,14 +17,6 @@ SMOKE = os.path.join(REPO, "configs", "smoke.py")
 OVERRIDES = ["--config.train.epochs=3"]
 
 
-def _env(tmp_path):
-    env = dict(os.environ)
-    # Reuse compiled programs across the subprocesses of this test (results are unchanged).
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    return env
-
-
 def _cmd(workdir, *extra):
     return [
         sys.executable,
@@ -38,23 +30,21 @@ def _cmd(workdir, *extra):
     ]
 
 
-def _run(tmp_path, workdir, *extra):
+def _run(workdir, *extra):
     return subprocess.run(
         _cmd(workdir, *extra),
         capture_output=True,
         text=True,
         cwd=REPO,
-        env=_env(tmp_path),
         timeout=900,
     )
 
 
-def _kill_when(tmp_path, workdir, condition, what):
+def _kill_when(workdir, condition, what):
     """Starts the run and SIGKILLs it as soon as ``condition()`` holds."""
     proc = subprocess.Popen(
         _cmd(workdir),
         cwd=REPO,
-        env=_env(tmp_path),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -87,7 +77,7 @@ def _metric_lines(workdir):
 
 def test_killed_run_resumes_to_identical_results(tmp_path):
     reference = tmp_path / "reference"
-    out = _run(tmp_path, reference)
+    out = _run(reference)
     assert out.returncode == 0, out.stderr[-3000:]
 
     work = tmp_path / "killed"
@@ -102,12 +92,12 @@ def test_killed_run_resumes_to_identical_results(tmp_path):
     def during_save():
         return bool(glob.glob(str(ckpt / "union_supervised" / "train" / "*tmp*")))
 
-    _kill_when(tmp_path, work, between_links, "the end of link 1")
+    _kill_when(work, between_links, "the end of link 1")
     assert not (work / "results.json").exists()
-    _kill_when(tmp_path, work, mid_link_2, "link 2's second checkpoint")
+    _kill_when(work, mid_link_2, "link 2's second checkpoint")
     assert not (work / "jobs" / "link_2.json").exists()
-    _kill_when(tmp_path, work, during_save, "a checkpoint write of the union baseline")
-    out = _run(tmp_path, work)
+    _kill_when(work, during_save, "a checkpoint write of the union baseline")
+    out = _run(work)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "link_1: finished earlier, results reloaded" in out.stdout
 
@@ -117,16 +107,16 @@ def test_killed_run_resumes_to_identical_results(tmp_path):
 
 def test_rerun_of_a_finished_run_trains_nothing_and_changed_config_is_refused(tmp_path):
     work = tmp_path / "run"
-    assert _run(tmp_path, work).returncode == 0
+    assert _run(work).returncode == 0
     before = _results(work)
     mtimes = {p: os.path.getmtime(p) for p in glob.glob(str(work / "checkpoints" / "*" / "final"))}
-    again = _run(tmp_path, work)
+    again = _run(work)
     assert again.returncode == 0
     assert again.stdout.count("finished earlier, results reloaded") == 4
     assert _results(work) == before
     assert mtimes == {p: os.path.getmtime(p) for p in mtimes}
 
-    changed = _run(tmp_path, work, "--config.distill.alpha=0.3")
+    changed = _run(work, "--config.distill.alpha=0.3")
     assert changed.returncode == 2
     assert "distill.alpha: 0.7 -> 0.3" in changed.stderr
     assert "Traceback" not in changed.stderr

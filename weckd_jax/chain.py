@@ -161,12 +161,7 @@ def train_job(
     start = saver.latest_step()
     if start is not None:
         with timer("checkpoint"):
-            arrays, best_variables, loop = saver.restore(
-                start,
-                checkpoints.abstract_like(state, mesh),
-                checkpoints.abstract_like(state.variables, mesh),
-                batches,
-            )
+            arrays, best_variables, loop = saver.restore(start, state, state.variables, batches)
         state = state.replace(step=parallel.replicate(np.int32(start), mesh), **arrays)
         metrics_log.drop_after(job.name, start)
         progress.print(f"{job.name}: resuming from step {start} of {total_steps}")
