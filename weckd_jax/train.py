@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from weckd_jax import losses, models, parallel
+from weckd_jax import losses, models, ops, parallel
 from weckd_jax.data import augment as augment_lib
 
 PyTree = Any
@@ -34,12 +34,17 @@ class ModelSpec:
     dtype: str = "float32"
 
     def build(self):
+        """The Flax module; on CPU with the convolution and pooling lowerings XLA:CPU runs well
+        (`weckd_jax.ops`), elsewhere Flax's own (same parameters either way)."""
+        conv, max_pool = ops.cpu_ops()
         return models.create_model(
             self.backbone,
             num_classes=self.num_classes,
             width=self.width,
             stem=self.stem,
             dtype=jnp.dtype(self.dtype),
+            conv=conv,
+            max_pool=max_pool,
         )
 
 
