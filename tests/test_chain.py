@@ -106,14 +106,17 @@ def test_launch_command_line_with_overrides(tmp_path):
         "weckd_jax.launch",
         "--config",
         os.path.join(REPO, "configs", "smoke.py"),
-        "--config.chain.length=1",
         "--config.train.epochs=1",
-        "--config.baselines.full_supervised=False",
         f"--workdir={workdir}",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
-    assert len(results["links"]) == 1 and list(results["baselines"]) == ["union_supervised"]
+    assert len(results["links"]) == 2
+    assert list(results["baselines"]) == ["union_supervised", "full_supervised"]
+    # One program per distinct architecture and shape for the whole run: the supervised step
+    # (link 1 and both baselines), the distillation step (link 2), and evaluation (every split,
+    # the last partial batch padded).
+    assert results["runtime"]["compiles"] == 3
     assert "gain of the last link over link 1" in out.stdout
     assert "test acc" in out.stdout

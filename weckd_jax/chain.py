@@ -133,7 +133,7 @@ def train_job(
             step_cfg,
             init_key,
             image_shape,
-            _hparams(config, job, epoch_steps),
+            hparams(config, len(job.teachers), epoch_steps),
             init_variables,
         )
     state = parallel.replicate(state, mesh)
@@ -229,21 +229,21 @@ def train_job(
         checkpoints.save_final(workdir, job.name, best_variables, meta)
 
 
-def _hparams(config, job: Job, epoch_steps: int) -> dict:
+def hparams(config, num_teachers: int, steps_per_epoch: int) -> dict:
     """The float hyper-parameters the train step reads from its state."""
-    hparams = {
+    values = {
         "learning_rate": config.train.learning_rate,
         "weight_decay": config.train.weight_decay,
-        "warmup_steps": config.train.warmup_epochs * epoch_steps,
-        "total_steps": config.train.epochs * epoch_steps,
+        "warmup_steps": config.train.warmup_epochs * steps_per_epoch,
+        "total_steps": config.train.epochs * steps_per_epoch,
         "alpha": config.distill.alpha,
         "beta": config.distill.attention_weight,
         "t_max": config.distill.t_max,
         "t_min": config.distill.t_min,
     }
-    if len(job.teachers) > 1:
-        hparams["teacher_weights"] = np.full(len(job.teachers), 1.0 / len(job.teachers))
-    return hparams
+    if num_teachers > 1:
+        values["teacher_weights"] = np.full(num_teachers, 1.0 / num_teachers)
+    return values
 
 
 def _better(val: dict, loop: dict) -> bool:

@@ -22,7 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # "synthetic" (embedded generator) | "folder" | "tfds"
     c.data.modality = "otoscopy"  # synthetic: "otoscopy" | "microscopy" | "mri"
-    c.data.num_images = 3000  # synthetic: images generated
+    c.data.num_images = 2500  # synthetic: images generated
     c.data.difficulty = 1.0  # synthetic: nuisance strength / class overlap
     c.data.images_per_group = 4  # synthetic: images per synthetic patient
     c.data.image_size = 64  # side in pixels the images are resized to
@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.chain.fraction = 0.1  # share of the train pool each link trains on
     c.chain.label_ratio = 1.0  # share of each fraction that keeps its labels
     c.chain.dense = False  # link k learns from all earlier links, not only k-1
-    c.chain.init_from_teacher = False  # warm-start link k from link k-1 when architectures match
+    c.chain.init_from_teacher = True  # warm-start link k from link k-1 when architectures match
 
     c.model = ml_collections.ConfigDict()
     c.model.backbone = "resnet18"  # a name, or one per link: "resnet18,mobilenetv2,resnet18"
@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.distill.schedule = "cosine"  # "constant" (t_max) | "linear" | "cosine"
 
     c.train = ml_collections.ConfigDict()
-    c.train.epochs = 30  # epochs per link and baseline
+    c.train.epochs = 20  # epochs per link and baseline
     c.train.batch_size = 32  # global batch size (over all devices)
     c.train.eval_batch_size = 256
     c.train.optimizer = "adamw"  # "adamw" | "sgd" (Nesterov momentum)
@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.flip = True
     c.train.max_shift = 4  # pixels
     c.train.intensity = 0.1
-    c.train.eval_every = 1  # validate every this many epochs (the best one is kept)
+    c.train.eval_every = 2  # validate every this many epochs (the best one is kept)
     c.train.checkpoint_every = 200  # steps between checkpoints (and at every epoch end)
 
     c.baselines = ml_collections.ConfigDict()
