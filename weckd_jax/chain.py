@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -104,6 +105,7 @@ def train_job(
     progress: Progress,
     timer: Timer,
     metrics_log: MetricsLog,
+    on_epoch: Callable[[str, int, dict], None] | None = None,
 ) -> None:
     """Trains ``job`` and saves the epoch with the best validation accuracy as its final checkpoint.
 
@@ -213,6 +215,8 @@ def train_job(
         if epoch_end:
             metrics_log.write(record)
             progress.update(record, epoch)
+            if on_epoch is not None:
+                on_epoch(job.name, epoch, record)
         window_start = time.perf_counter()
     progress.finish()
 
@@ -380,8 +384,24 @@ def bind_workdir(config, workdir: str, writer: bool) -> None:
         files.write_json(path, current)
 
 
-def run(config, workdir: str, progress: Progress) -> dict:
-    """Runs the chain and its baselines in ``workdir``; returns (and writes) ``results.json``."""
+def run(
+    config,
+    workdir: str,
+    progress: Progress,
+    *,
+    use_test: bool = True,
+    on_epoch: Callable[[str, int, dict], None] | None = None,
+) -> dict:
+    """Runs the chain and its baselines in ``workdir``; returns (and writes) ``results.json``.
+
+    Args:
+      use_test: evaluate every model on the test split (and write figures and ``report.md``).
+        ``False`` never touches the test split: hyper-parameter searches run this way, and their
+        results hold validation metrics only (``"test_evaluated": false``).
+      on_epoch: called as ``on_epoch(job_name, epoch, record)`` after every epoch of every job
+        with its ``metrics.jsonl`` record (``val_accuracy`` on validation epochs); an exception
+        it raises (e.g. a pruned trial) stops the run.
+    """
     start = time.perf_counter()
     timer = Timer()
     writer = jax.process_index() == 0
@@ -423,13 +443,17 @@ def run(config, workdir: str, progress: Progress) -> dict:
                 progress=progress,
                 timer=timer,
                 metrics_log=metrics_log,
+                on_epoch=on_epoch,
             )
         # The test split is touched once per model, on the weights as saved on disk.
         with timer("checkpoint"):
             _, variables = restore_finished(workdir, job.name, mesh, data.images.shape[1:])
             meta = checkpoints.read_final_meta(workdir, job.name)
-        with timer("eval"):
-            test_probs[job.name], test = evaluate(job.spec, variables, data, splits.test, **eval_kw)
+        if use_test:
+            with timer("eval"):
+                test_probs[job.name], test = evaluate(
+                    job.spec, variables, data, splits.test, **eval_kw
+                )
         records[job.name] = {
             "name": job.name,
             "backbone": job.spec.backbone,
@@ -440,8 +464,9 @@ def run(config, workdir: str, progress: Progress) -> dict:
             "fingerprint": checkpoints.fingerprint(variables),
             "teacher_fingerprints": meta["teacher_fingerprints"],
             "val": meta["val"],
-            "test": test,
         }
+        if use_test:
+            records[job.name]["test"] = test
         if writer:
             files.write_json(record_path, records[job.name])
 
@@ -457,7 +482,7 @@ def run(config, workdir: str, progress: Progress) -> dict:
             for name in ("union_supervised", "full_supervised")
             if name in records
         },
-        "gains": report.gains(links, records.get("union_supervised")),
+        "test_evaluated": use_test,
         "data": report.data_record(config, data, splits),
         "seed": config.seed,
         "devices": jax.device_count(),
@@ -469,6 +494,12 @@ def run(config, workdir: str, progress: Progress) -> dict:
         },
     }
     metrics_log.close()
+    if not use_test:
+        if writer:
+            files.write_json(os.path.join(workdir, "results.json"), results)
+        report.print_results(progress, results)
+        return results
+    results["gains"] = report.gains(links, records.get("union_supervised"))
     last = [job for job in jobs if job.name.startswith("link_")][-1]
     if last.name not in test_probs:  # reloaded from an earlier run: the figures need its outputs
         _, variables = restore_finished(workdir, last.name, mesh, data.images.shape[1:])

@@ -62,7 +62,8 @@ def print_data_summary(progress, data: ImageSet, splits: Splits) -> None:
 
 
 def print_results(progress, results: dict) -> None:
-    """The final table: test accuracy / balanced accuracy / macro-F1 of every link and baseline."""
+    """The final table: validation accuracy and (unless a search kept the test split untouched)
+    test accuracy / balanced accuracy / macro-F1 of every link and baseline."""
     rows = [(f"link {r['link']}", r) for r in results["links"]]
     rows += list(results["baselines"].items())
     progress.print()
@@ -71,17 +72,27 @@ def print_results(progress, results: dict) -> None:
         f"{'test acc':>10}{'bal acc':>9}{'macro-F1':>10}"
     )
     for name, r in rows:
-        test = r["test"]
-        progress.print(
+        line = (
             f"{name:<18}{r['backbone']:<13}{r['n_train']:>8}{r['n_labelled']:>9}"
-            f"{r['val']['accuracy']:>9.3f}{test['accuracy']:>10.3f}"
-            f"{test['balanced_accuracy']:>9.3f}{test['macro_f1']:>10.3f}"
+            f"{r['val']['accuracy']:>9.3f}"
         )
-    g = results["gains"]
-    line = f"gain of the last link over link 1: {100 * g['last_minus_link_1']:+.1f} points"
-    if "last_minus_union_supervised" in g:
-        line += f"; over the union baseline: {100 * g['last_minus_union_supervised']:+.1f} points"
-    progress.print(line)
+        if "test" in r:
+            test = r["test"]
+            line += (
+                f"{test['accuracy']:>10.3f}{test['balanced_accuracy']:>9.3f}"
+                f"{test['macro_f1']:>10.3f}"
+            )
+        progress.print(line)
+    if "gains" in results:
+        g = results["gains"]
+        line = f"gain of the last link over link 1: {100 * g['last_minus_link_1']:+.1f} points"
+        if "last_minus_union_supervised" in g:
+            line += (
+                f"; over the union baseline: {100 * g['last_minus_union_supervised']:+.1f} points"
+            )
+        progress.print(line)
+    else:
+        progress.print("the test split was not evaluated")
     runtime = results["runtime"]
     split = ", ".join(f"{k} {v:.1f}" for k, v in runtime["time_split"].items())
     progress.print(f"wall time {runtime['wall_seconds']:.0f} s ({split})")
