@@ -15,11 +15,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from weckd_jax import ops  # noqa: E402
-
-# The same XLA flags as `python -m weckd_jax.launch`, so in-process and subprocess runs agree.
-ops.configure_cpu_flags()
-
 
 def smoke_config():
     from configs import smoke

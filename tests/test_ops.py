@@ -40,12 +40,12 @@ CONV_CASES = [
     (3, 2, "SAME", (8, 8), 3, 8, 1, False),  # SAME, stride 2: asymmetric (0, 1) padding
     (3, 2, "SAME", (7, 9), 3, 5, 1, True),
     (3, 1, "SAME", (9, 11), 1, 4, 1, True),
-    (3, 1, "VALID", (6, 6), 3, 4, 1, False),
     (3, 1, ((2, 0), (1, 2)), (5, 6), 3, 4, 1, True),  # uneven explicit padding
     (3, 2, ((1, 1), (1, 1)), (16, 16), 8, 8, 1, False),
     (7, 2, P3, (16, 16), 3, 8, 1, False),  # ImageNet stem
     (7, 2, P3, (15, 13), 1, 4, 1, True),  # grayscale stem, odd sizes
     (7, 1, "SAME", (9, 9), 3, 4, 1, False),
+    (2, 2, "VALID", (7, 7), 3, 4, 1, True),  # space-to-depth drops the never-read last row
     (3, 1, P1, (8, 8), 8, 8, 8, False),  # depthwise
     (3, 2, P1, (7, 7), 6, 6, 6, True),  # depthwise, strided
     (3, 1, P1, (2, 2), 64, 64, 64, False),  # depthwise, 64 channels: every pass off XLA
@@ -146,9 +146,11 @@ def test_param_tree_identical_to_flax(kwargs):
 
 
 def test_same_initial_parameters_as_flax():
-    # Same names, same default initialisers, same RNG stream: the same parameters.
+    # Same names and RNG stream: the same parameters from the same initialisers. (The defaults
+    # are flax's too: lecun_normal and zeros; plain normal here keeps the compile cheap.)
     x = jnp.ones((2, 4, 4, 6))
-    kwargs = dict(features=8, kernel_size=(3, 3), bias_init=nn.initializers.normal(1.0))
+    normal = nn.initializers.normal(1.0)
+    kwargs = dict(features=8, kernel_size=(3, 3), kernel_init=normal, bias_init=normal)
     init = jax.jit(lambda key: (ops.Conv(**kwargs).init(key, x), nn.Conv(**kwargs).init(key, x)))
     ours, theirs = init(jax.random.key(3))
     jax.tree.map(np.testing.assert_array_equal, ours, theirs)
@@ -265,7 +267,7 @@ def test_conv_batch_dims_like_flax():
         _assert_close(*both, str(shape))
 
 
-@pytest.mark.parametrize("groups,hw", [(1, (2, 2)), (1, (4, 4)), (8, (5, 5))])
+@pytest.mark.parametrize("groups,hw", [(1, (2, 2)), (8, (5, 5))])
 def test_conv_bfloat16_compute_like_flax(groups, hw):
     kwargs = dict(features=8, kernel_size=(3, 3), feature_group_count=groups, dtype=jnp.bfloat16)
     rng = np.random.default_rng(0)
@@ -438,11 +440,10 @@ def test_xla_flag_is_accepted_by_this_jaxlib():
         y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
         assert float(y[0, 4, 4, 0]) == 27.0, y[0, 4, 4, 0]
-        for shape, stride in [((2, 8, 8, 3), 2), ((2, 2, 2, 3), 1)]:  # s2d; im2col
-            conv = ops.Conv(4, (3, 3), strides=stride, kernel_init=jax.nn.initializers.ones)
-            v = conv.init(jax.random.key(0), jnp.ones(shape))
-            g = jax.grad(lambda v: conv.apply(v, jnp.ones(shape)).sum())(v)
-            assert float(g["params"]["bias"][0]) > 0
+        conv = ops.Conv(4, (3, 3), strides=2)  # 4x4 -> 2x2: input gradient by im2col
+        v = {"params": {"kernel": jnp.ones((3, 3, 3, 4)), "bias": jnp.zeros(4)}}
+        g = jax.jit(jax.grad(lambda x: conv.apply(v, x).sum()))(jnp.ones((2, 4, 4, 3)))
+        assert float(g[0, 1, 1, 0]) == 4.0, g[0, 1, 1, 0]
         print("ok", jax.default_backend())
         """
     )

@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from weckd_jax import chain, files, ops, parallel, train
+from weckd_jax import chain, files, parallel, train
 from weckd_jax import config as config_lib
 from weckd_jax.data import pipeline
 from weckd_jax.data.synthetic import generate
@@ -198,7 +198,6 @@ def print_table(result: dict) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    ops.configure_cpu_flags()
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     config_lib.validate(config)

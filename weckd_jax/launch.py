@@ -23,7 +23,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from weckd_jax import chain, distributed, ops
+from weckd_jax import chain, distributed
 from weckd_jax import config as config_lib
 from weckd_jax.data import DataError
 from weckd_jax.data.splits import SplitError
@@ -71,7 +71,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    ops.configure_cpu_flags()  # before anything initialises the JAX backend
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(
