@@ -112,3 +112,11 @@ def test_divergence_names_link_epoch_and_step_and_keeps_last_checkpoint(tmp_path
     assert not os.path.exists(tmp_path / "results.json")
     # The diverged state was never written: no train checkpoint holds it.
     assert checkpoints.TrainCheckpoints(str(tmp_path), "link_1").latest_step() is None
+
+
+def test_tune_section_is_harmless_for_a_launch_workdir():
+    a = base_config().to_dict()
+    b = base_config().to_dict()
+    b["tune"]["space"] = "distill.alpha:0.2:0.8"
+    del a["tune"]  # a workdir written before the section existed
+    assert differences(a, b) == []

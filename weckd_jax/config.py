@@ -78,6 +78,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.baselines = ml_collections.ConfigDict()
     c.baselines.union_supervised = True  # one backbone on the union of the fractions
     c.baselines.full_supervised = True  # one backbone on the whole train pool (upper bound)
+
+    # Hyper-parameter search (`python -m weckd_jax.tune`); ignored by `launch`. Trials are scored
+    # on the validation split only; the test split is evaluated once, for the best trial.
+    c.tune = ml_collections.ConfigDict()
+    # "key:low:high[:log]" entries, comma-separated; key = any numeric config key (int keys get
+    # integer values). distill.t_min is capped at the trial's distill.t_max.
+    c.tune.space = (
+        "train.learning_rate:1e-4:1e-2:log,train.weight_decay:1e-4:0.1:log,"
+        "distill.alpha:0.1:0.9,distill.t_max:2:8,distill.t_min:0.5:2,"
+        "distill.attention_weight:0:2"
+    )
+    c.tune.objective = "last_link"  # "last_link" | "link" (validation accuracy of link tune.link)
+    c.tune.link = 0  # objective "link": the link k scored (1..chain.length); trials stop after it
+    c.tune.random_trials = 10  # TPE samples at random until this many trials have finished
+    c.tune.prune = True  # MedianPruner on each validation epoch of links 1..k
+    c.tune.prune_after_trials = 5  # no pruning until this many trials have completed
+    c.tune.prune_warmup_steps = 0  # no pruning before this step ((link - 1) * epochs + epoch)
     return c
 
 
@@ -245,10 +262,16 @@ def validate(config) -> None:
             parallel.check_batch_size(c.train[key], f"train.{key}")
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if "tune" in c:
+        from weckd_jax import tune  # here, not at the top: tune imports this module
+
+        tune.check_section(c)
 
 
-# Keys that change nothing a run computes, so a workdir may be resumed with other values.
+# Keys that change nothing a run computes, so a workdir may be resumed with other values
+# (`tune.*` steers only `python -m weckd_jax.tune`, which checks its own section).
 HARMLESS_KEYS = frozenset({"train.checkpoint_every"})
+HARMLESS_PREFIXES = ("tune.",)
 
 
 def differences(saved: dict, current: dict) -> list[str]:
@@ -269,5 +292,7 @@ def differences(saved: dict, current: dict) -> list[str]:
     return [
         f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
         for key in sorted(old.keys() | new.keys())
-        if key not in HARMLESS_KEYS and old.get(key, missing) != new.get(key, missing)
+        if key not in HARMLESS_KEYS
+        and not key.startswith(HARMLESS_PREFIXES)
+        and old.get(key, missing) != new.get(key, missing)
     ]

@@ -1,0 +1,386 @@
+"""The hyper-parameter search: resumable, scored on validation only (the test split is never
+evaluated during it), pruned by MedianPruner, and its best config reproduces its best trial."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from optuna.trial import TrialState
+
+from tests.conftest import REPO, smoke_config
+from weckd_jax import chain, tune
+from weckd_jax import config as config_lib
+from weckd_jax import data as data_lib
+from weckd_jax.progress import Progress
+
+SMOKE = os.path.join(REPO, "configs", "smoke.py")
+SPACE = "train.learning_rate:1e-3:1e-2:log,distill.alpha:0.2:0.8"
+
+
+def search_config(space=SPACE):
+    c = smoke_config()
+    c.tune.space = space
+    return c
+
+
+def _tune_cmd(workdir, *extra, space=SPACE):
+    return [
+        sys.executable,
+        "-m",
+        "weckd_jax.tune",
+        "--config",
+        SMOKE,
+        f"--config.tune.space={space}",
+        f"--workdir={workdir}",
+        *extra,
+    ]
+
+
+def _trials(workdir, config):
+    study = tune.open_study(config, str(workdir))
+    return {t.number: t for t in study.get_trials()}
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    """A search run in four goes: 2 trials, continued to 3 (both in this process, with every
+    evaluation recorded), to 4 by the CLI killed inside trial 3, and rerun by the CLI to 4."""
+    workdir = tmp_path_factory.mktemp("search")
+    config = search_config()
+    evaluated, lines = [], []
+    real_evaluate = chain.evaluate
+
+    def recording_evaluate(spec, variables, data, index, **kw):
+        evaluated.append(np.asarray(index).copy())
+        return real_evaluate(spec, variables, data, index, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chain, "evaluate", recording_evaluate)
+        first = tune.run(config, str(workdir), 2, evaluate_best=False, say=lines.append)
+        after_two = _trials(workdir, config)
+        second = tune.run(config, str(workdir), 3, evaluate_best=False, say=lines.append)
+    after_three = _trials(workdir, config)
+
+    # The CLI continues the study to 4 trials; it is killed as soon as trial 3 has started.
+    proc = subprocess.Popen(
+        _tune_cmd(workdir, "--trials=4", "--evaluate_best=false"),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (workdir / "trials" / "3" / "config.json").exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = _trials(workdir, config)
+    rerun = subprocess.run(  # ... and evaluates the best config on test, once
+        _tune_cmd(workdir, "--trials=4"),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    return {
+        "config": config,
+        "workdir": workdir,
+        "evaluated": evaluated,
+        "first": first,
+        "second": second,
+        "after_two": after_two,
+        "after_three": after_three,
+        "killed": killed,
+        "rerun": rerun,
+        "final": _trials(workdir, config),
+    }
+
+
+def test_rerun_continues_the_study(search):
+    two, three = search["after_two"], search["after_three"]
+    assert sorted(two) == [0, 1]
+    assert sorted(three) == [0, 1, 2]
+    assert all(t.state == TrialState.COMPLETE for t in three.values())
+    for n in (0, 1):  # the first trials are kept as they were, not re-run
+        assert three[n].params == two[n].params
+        assert three[n].value == two[n].value
+        assert three[n].datetime_start == two[n].datetime_start
+    # Trial 2 is a new draw, not trial 0's draw again (the sampler is seeded per trial number).
+    assert three[2].params != three[0].params
+    assert search["second"]["counts"]["complete"] == 3
+    # Every value lies in its declared range.
+    for t in three.values():
+        assert 1e-3 <= t.params["train.learning_rate"] <= 1e-2
+        assert 0.2 <= t.params["distill.alpha"] <= 0.8
+        with open(os.path.join(t.user_attrs["workdir"], "config.json")) as f:
+            used = json.load(f)
+        assert used["train"]["learning_rate"] == t.params["train.learning_rate"]
+        assert used["baselines"] == {"union_supervised": False, "full_supervised": False}
+
+
+def test_killed_trial_is_failed_and_not_counted(search):
+    killed, final, rerun = search["killed"], search["final"], search["rerun"]
+    assert killed[3].state == TrialState.RUNNING  # what a SIGKILL leaves in the database
+    assert killed[3].user_attrs["host"] == socket.gethostname()
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "trial 3: left RUNNING by process" in rerun.stdout
+    assert "1 trial(s) run now" in rerun.stdout
+    assert sorted(final) == [0, 1, 2, 3, 4]
+    assert final[3].state == TrialState.FAIL
+    assert [final[n].state for n in (0, 1, 2, 4)] == [TrialState.COMPLETE] * 4
+    # Rerunning with the same total runs nothing.
+    config = search["config"]
+    again = tune.run(config, str(search["workdir"]), 4, evaluate_best=False, say=lambda _: None)
+    assert again["counts"] == {"complete": 4, "pruned": 0, "running": 0, "fail": 1, "waiting": 0}
+
+
+def test_test_split_is_never_evaluated_during_the_search(search):
+    config = search["config"]
+    data = data_lib.load(config.data, seed=config.seed)
+    splits = chain.make_run_splits(config, data)
+    evaluated = search["evaluated"]
+    assert len(evaluated) == 3 * 2  # 3 trials x 2 links x 1 validation epoch (epochs=2)
+    for index in evaluated:
+        assert np.array_equal(index, splits.val)
+        assert not np.isin(index, splits.test).any()
+    for trial in search["final"].values():  # the CLI's trials too
+        path = os.path.join(trial.user_attrs["workdir"], "results.json")
+        if trial.state != TrialState.COMPLETE:
+            continue
+        with open(path) as f:
+            results = json.load(f)
+        assert results["test_evaluated"] is False
+        assert results["baselines"] == {}
+        assert all("test" not in link for link in results["links"])
+
+
+def test_best_config_reproduces_the_best_trial(search, tmp_path):
+    config, workdir = search["config"], search["workdir"]
+    study = tune.open_study(config, str(workdir))
+    best = study.best_trial
+    assert best.value == max(t.value for t in study.get_trials(states=(TrialState.COMPLETE,)))
+    best_config = tune.load_config_file(str(workdir / "best_config.py"))
+    assert best_config.train.learning_rate == best.params["train.learning_rate"]
+    assert best_config.distill.alpha == best.params["distill.alpha"]
+    assert best_config.baselines.union_supervised is True  # as the search's config says
+    best_config.baselines.union_supervised = False  # not needed to compare the links
+    best_config.baselines.full_supervised = False
+    rerun = chain.run(best_config, str(tmp_path / "run"), Progress(enabled=False), use_test=False)
+    with open(os.path.join(best.user_attrs["workdir"], "results.json")) as f:
+        trial = json.load(f)
+    assert rerun["links"][-1]["val"]["accuracy"] == best.value  # exactly
+    assert rerun["links"][-1]["val"] == trial["links"][-1]["val"]
+    assert [x["fingerprint"] for x in rerun["links"]] == [x["fingerprint"] for x in trial["links"]]
+
+
+def test_final_evaluation_on_test_once(search):
+    config, workdir = search["config"], search["workdir"]
+    assert "test accuracy of link 2: " in search["rerun"].stdout
+    with open(workdir / "best_results.json") as f:
+        summary = json.load(f)
+    study = tune.open_study(config, str(workdir))
+    best = study.best_trial
+    assert summary["trial"] == best.number
+    assert summary["params"] == best.params
+    assert summary["val_accuracy"] == best.value
+    assert summary["val_accuracy_final_run"] == best.value  # the final run reproduces the trial
+    assert summary["workdir"] == str(workdir / "best" / f"trial_{best.number}")
+    with open(summary["results"]) as f:
+        results = json.load(f)
+    assert results["test_evaluated"] is True
+    assert summary["test_accuracy"] == results["links"][-1]["test"]["accuracy"]
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert set(results["baselines"]) == {"union_supervised", "full_supervised"}
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
+def test_running_trial_of_a_live_process_is_left_alone_and_counted(search):
+    config, workdir = search["config"], search["workdir"]
+    study = tune.open_study(config, str(workdir))
+    live = study.ask()  # as another process's trial in progress: its process is alive
+    live.set_user_attr("host", socket.gethostname())
+    live.set_user_attr("pid", os.getppid())
+    lines = []
+    out = tune.run(config, str(workdir), 5, evaluate_best=False, say=lines.append)
+    assert any("still running in other processes" in line for line in lines), lines
+    assert out["counts"]["running"] == 1 and out["counts"]["complete"] == 4
+    assert _trials(workdir, config)[live.number].state == TrialState.RUNNING
+    study.tell(live.number, state=TrialState.FAIL)
+
+
+def test_link_objective_stops_after_the_link_and_matches_the_full_chain(search, tmp_path):
+    """Per-link tuning trains the chain's full config up to link k: link 1 of a link-1 trial is
+    link 1 of the full chain with the same values, to the last bit."""
+    reference = search["final"][0]
+    config = search_config()
+    config.tune.objective = "link"
+    config.tune.link = 1
+    tune.bind_study_dir(config, str(tmp_path))
+    tune.open_study(config, str(tmp_path)).enqueue_trial(reference.params)
+    out = tune.run(config, str(tmp_path), 1, evaluate_best=False, say=lambda _: None)
+    assert out["best_value"] == reference.user_attrs["val_accuracy_per_link"]["1"]
+    trial_dir = tmp_path / "trials" / "0"
+    with open(trial_dir / "metrics.jsonl") as f:
+        runs = {json.loads(line)["run"] for line in f}
+    assert runs == {"link_1"}  # link 2 was never trained
+    trial = _trials(tmp_path, config)[0]
+    assert sorted(trial.intermediate_values) == [2]  # eval_every=2, epochs=2: one report
+
+
+def _fake_chain_run(calls):
+    """A stand-in for `chain.run`: validation accuracy 0.5 + 40 lr (lr >= 5e-3) or 0.2, rising by
+    0.01 per epoch; lr >= 9e-3 diverges in link 2."""
+
+    def run(config, workdir, progress, *, use_test=True, on_epoch=None):
+        assert use_test is False
+        lr = config.train.learning_rate
+        calls.append(lr)
+        links = []
+        for link in range(1, config.chain.length + 1):
+            best = 0.0
+            for epoch in range(1, config.train.epochs + 1):
+                if lr >= 9e-3 and link == 2:
+                    raise chain.DivergenceError("link_2: the loss became NaN/Inf. Lower it.")
+                accuracy = (0.5 + 40 * lr if lr >= 5e-3 else 0.2) + 0.01 * epoch
+                best = max(best, accuracy)
+                on_epoch(f"link_{link}", epoch, {"val_accuracy": accuracy})
+            links.append({"val": {"accuracy": best}})
+        return {"links": links}
+
+    return run
+
+
+def test_median_pruner_steps_across_links(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(chain, "run", _fake_chain_run(calls))
+    config = search_config("train.learning_rate:1e-3:1e-2:log")
+    config.train.epochs = 3
+    config.train.eval_every = 1
+    config.tune.prune_after_trials = 1
+    tune.bind_study_dir(config, str(tmp_path))
+    study = tune.open_study(config, str(tmp_path))
+    for lr in (6e-3, 2e-3, 9.5e-3, 7e-3):
+        study.enqueue_trial({"train.learning_rate": lr})
+    out = tune.run(config, str(tmp_path), 4, evaluate_best=False, say=lambda _: None)
+    trials = _trials(tmp_path, config)
+    # Trial 0 completes and reports at (link - 1) * epochs + epoch: steps 1..6.
+    assert trials[0].state == TrialState.COMPLETE
+    assert trials[0].intermediate_values == pytest.approx(
+        {1: 0.75, 2: 0.76, 3: 0.77, 4: 0.75, 5: 0.76, 6: 0.77}
+    )
+    # Trial 1 is clearly worse: pruned at its first report, link 1 epoch 1.
+    assert trials[1].state == TrialState.PRUNED
+    assert trials[1].intermediate_values == pytest.approx({1: 0.21})
+    # Trial 2 diverges in link 2: recorded as pruned, with the reason.
+    assert trials[2].state == TrialState.PRUNED
+    assert "NaN/Inf" in trials[2].user_attrs["diverged"]
+    assert trials[3].state == TrialState.COMPLETE
+    assert out["counts"]["complete"] == 2 and out["counts"]["pruned"] == 2
+    assert out["best_trial"] == 3 and out["best_value"] == pytest.approx(0.78 + 0.03)
+    assert calls == [6e-3, 2e-3, 9.5e-3, 7e-3]
+
+
+def test_space_syntax_and_checks():
+    c = search_config("train.learning_rate:1e-4:1e-2:log, model.width:4:16 ,distill.alpha:0:1")
+    dims = tune.parse_space(c.tune.space, c)
+    assert dims == (
+        tune.Dimension("train.learning_rate", 1e-4, 1e-2, log=True),
+        tune.Dimension("model.width", 4.0, 16.0, integer=True),
+        tune.Dimension("distill.alpha", 0.0, 1.0),
+    )
+    config_lib.validate(c)
+    bad = {
+        "train.nosuch:1:2": "not a config key",
+        "train:1:2": "a config section",
+        "model.backbone:1:2": "only numeric keys",
+        "distill.alpha:0.5:0.5": "low=0.5 must be < high=0.5",
+        "train.learning_rate:0:1e-2:log": "a log range needs low > 0",
+        "distill.alpha:0.1:0.9:lin": "is not key:low:high",
+        "distill.alpha:0.1": "is not key:low:high",
+        "distill.alpha:a:b": "must be numbers",
+        "distill.alpha:0.1:0.2,distill.alpha:0.3:0.4": "names 'distill.alpha' twice",
+        "model.width:4:16.5": "must be integers",
+        "data.num_images:10:100": "may not tune 'data.num_images'",
+        "seed:0:4": "may not tune 'seed'",
+        "": "tune.space is empty",
+    }
+    for space, message in bad.items():
+        with pytest.raises(config_lib.ConfigError) as e:
+            config_lib.validate(search_config(space))
+        assert message in str(e.value), (space, str(e.value))
+    c = search_config()
+    c.tune.objective = "link"
+    with pytest.raises(config_lib.ConfigError, match=r"tune.link=0 must be a link"):
+        config_lib.validate(c)
+    # An end of a range that makes an invalid run is refused before any trial.
+    with pytest.raises(config_lib.ConfigError, match=r"distill.alpha=1.5 \(the high end"):
+        tune.check_search(search_config("distill.alpha:0.5:1.5"), 3)
+    # t_min is capped at the trial's t_max, so every trial anneals downwards.
+    capped = tune.apply_params(
+        search_config(), {"distill.t_max": 3.0, "distill.t_min": 4.5}, baselines=False
+    )
+    assert (capped.distill.t_max, capped.distill.t_min) == (3.0, 3.0)
+    assert capped.baselines.union_supervised is False
+    kept = tune.apply_params(search_config(), {"distill.t_min": 1.5}, baselines=True)
+    assert (kept.distill.t_max, kept.distill.t_min) == (6.0, 1.5)
+    assert kept.baselines.full_supervised is True
+
+
+def test_cli_user_errors_exit_2_without_traceback(search, tmp_path):
+    before = len(_trials(search["workdir"], search["config"]))
+    cases = [  # (space, flags, message)
+        (SPACE, ["--trials=0"], "--trials=0 must be >= 1"),
+        ("train.nosuch:1:2", ["--trials=2"], "'train.nosuch', which is not a config key"),
+        ("distill.alpha:0.9:0.1", ["--trials=2"], "low=0.9 must be < high=0.1"),
+        ("train.learning_rate:0:1:log", ["--trials=2"], "a log range needs low > 0"),
+    ]
+    procs = []
+    for i, (space, extra, message) in enumerate(cases):
+        cmd = _tune_cmd(tmp_path / f"w{i}", *extra, space=space)
+        procs.append((cmd, message, tmp_path / f"w{i}"))
+    # The study of `search` with another space: refused, naming the difference.
+    procs.append(
+        (
+            _tune_cmd(search["workdir"], "--trials=9", space="distill.alpha:0.2:0.8"),
+            f"tune.space: {SPACE!r} -> 'distill.alpha:0.2:0.8'",
+            None,
+        )
+    )
+    # launch accepts DIR/best_config.py: it loads it, applies the override and validates it.
+    procs.append(
+        (
+            [
+                *(sys.executable, "-m", "weckd_jax.launch"),
+                *("--config", str(search["workdir"] / "best_config.py")),
+                *("--config.chain.length=0", f"--workdir={tmp_path / 'launch'}"),
+            ],
+            "error: chain.length=0 must be >= 1",
+            tmp_path / "launch",
+        )
+    )
+    running = [
+        (
+            subprocess.Popen(
+                cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            ),
+            message,
+            workdir,
+        )
+        for cmd, message, workdir in procs
+    ]
+    for proc, message, workdir in running:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 2, stderr
+        assert stderr.startswith("error: ") and message in stderr, stderr
+        assert "Traceback" not in stderr
+        if workdir is not None:
+            assert not workdir.exists()  # nothing was written
+    assert len(_trials(search["workdir"], search["config"])) == before  # the study is untouched
