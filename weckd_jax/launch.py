@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
-import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from weckd_jax import chain, distributed
+from weckd_jax import chain, cli, distributed
 from weckd_jax import config as config_lib
 from weckd_jax.data import DataError
 from weckd_jax.data.splits import SplitError
@@ -46,31 +44,9 @@ def default_workdir(config_path: str) -> str:
     return os.path.join("runs", f"{stamp}-{stem}")
 
 
-def fail(message: str) -> None:
-    """Prints a user error without a traceback and exits with status 2."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with an unknown ``--config.key`` reported plainly."""
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-        # ml_collections raises these when an override names a key the config does not have.
-        key = str(e).strip("\"'")
-        bad = [a for a in argv if a.startswith("--config.") and re.search(rf"\b{key}\b", a)]
-        fail(
-            f"unknown config key in {' '.join(bad) or key!r}: the config has no such key. "
-            "All keys and their defaults are listed in weckd_jax/config.py."
-        )
-    except flags.Error as e:
-        fail(f"{e}\nRun with --helpfull to list the flags.")
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        fail(f"unexpected arguments: {' '.join(argv[1:])}")
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(
@@ -79,7 +55,7 @@ def main(argv: list[str]) -> None:
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except ValueError as e:
-        fail(str(e))
+        cli.fail(str(e))
     try:
         config_lib.validate(config)
         progress = Progress(enabled=jax.process_index() == 0)
@@ -89,8 +65,8 @@ def main(argv: list[str]) -> None:
         else:
             chain.run(config, workdir, progress)
     except USER_ERRORS as e:
-        fail(str(e))
+        cli.fail(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -36,7 +36,6 @@ import os
 import pprint
 import re
 import socket
-import sys
 import time
 import warnings
 
@@ -657,18 +656,13 @@ def evaluate_best_trial(best_config, study, workdir: str, say, progress: Progres
 # Command line
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main_cli() -> None:
     """``python -m weckd_jax.tune``: flags are defined here, not at import (launch and
     `config.validate` import this module)."""
     from absl import app, flags, logging
     from ml_collections import config_flags
 
-    from weckd_jax import ops
+    from weckd_jax import cli
     from weckd_jax.data import DataError
     from weckd_jax.data.splits import SplitError
 
@@ -683,27 +677,13 @@ def main_cli() -> None:
         "evaluate_best", True, "Train the best config once more and evaluate it on test."
     )
 
-    def parse_flags(argv: list[str]) -> list[str]:
-        try:
-            return flags.FLAGS(argv)
-        except (AttributeError, KeyError) as e:
-            key = str(e).strip("\"'")
-            bad = [a for a in argv if a.startswith("--config.") and re.search(rf"\b{key}\b", a)]
-            _fail(
-                f"unknown config key in {' '.join(bad) or key!r}: the config has no such key. "
-                "All keys and their defaults are listed in weckd_jax/config.py."
-            )
-        except flags.Error as e:
-            _fail(f"{e}\nRun with --helpfull to list the flags.")
-
     def main(argv: list[str]) -> None:
         if len(argv) > 1:
-            _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+            cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
         if not workdir_flag.value:
-            _fail("--workdir DIR is required: the study lives in DIR/study.db")
+            cli.fail("--workdir DIR is required: the study lives in DIR/study.db")
         if trials_flag.value is None:
-            _fail("--trials N is required: the total number of trials the study should hold")
-        ops.configure_cpu_flags()  # before anything initialises the JAX backend
+            cli.fail("--trials N is required: the total number of trials the study should hold")
         logging.set_verbosity(logging.WARNING)
         try:
             run(
@@ -714,9 +694,9 @@ def main_cli() -> None:
                 say=lambda text: print(text, flush=True),
             )
         except (ConfigError, DataError, SplitError) as e:
-            _fail(str(e))
+            cli.fail(str(e))
 
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":
