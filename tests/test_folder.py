@@ -210,7 +210,6 @@ def test_group_regex_gives_patient_ids_and_group_disjoint_splits(tmp_path):
     patient = np.array([os.path.basename(p).split("_")[0] for p in data.paths])
     for g in np.unique(data.groups):
         assert len(set(patient[data.groups == g])) == 1
-    folder.check_enough(data, val_fraction=0.2, test_fraction=0.2, num_fractions=2, fraction=0.4)
     for seed in range(3):
         splits = make_splits(
             data.labels,
@@ -224,6 +223,7 @@ def test_group_regex_gives_patient_ids_and_group_disjoint_splits(tmp_path):
         )
         assert splits.split_by == "group"
         assert_group_disjoint(data, splits)
+        folder.check_enough(data, splits, val_fraction=0.2, test_fraction=0.2, fraction=0.4)
 
 
 def test_manifest_groups_fixed_split_and_unlisted_images(tmp_path, caplog):
@@ -409,15 +409,30 @@ def test_check_enough_names_short_classes_and_the_fix(tmp_path):
         save_any(root / "rare" / f"{i}.png", 100 + i)
     data = folder.load(data_config(root))
     with pytest.raises(DataError) as e:
-        folder.check_enough(
-            data, val_fraction=0.15, test_fraction=0.2, num_fractions=3, fraction=0.1
-        )
+        _check_enough(data, val_fraction=0.15, test_fraction=0.2, num_fractions=3, fraction=0.1)
     message = str(e.value)
     assert "'rare' (3 images): none in val" in message and "'common'" not in message
     assert "about 16 images" in message and "Fix: add images" in message
     assert "chain.fraction" in message
     # The same data passes with one large fraction and large held-out shares.
-    folder.check_enough(data, val_fraction=0.34, test_fraction=0.34, num_fractions=1, fraction=1.0)
+    _check_enough(data, val_fraction=0.34, test_fraction=0.34, num_fractions=1, fraction=1.0)
+
+
+def _check_enough(data, *, val_fraction, test_fraction, num_fractions, fraction):
+    splits = make_splits(
+        data.labels,
+        data.groups,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        num_fractions=num_fractions,
+        fraction=fraction,
+        label_ratio=1.0,
+        seed=0,
+        fixed_split=data.split,
+    )
+    folder.check_enough(
+        data, splits, val_fraction=val_fraction, test_fraction=test_fraction, fraction=fraction
+    )
 
 
 # ----------------------------------------------------------------------------- cache, progress

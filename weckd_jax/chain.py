@@ -409,15 +409,14 @@ def run(
 
     with timer("data"):
         data = data_lib.load(config.data, seed=config.seed)
+        splits = make_run_splits(config, data)
         check_enough(
             data,
+            splits,
             val_fraction=config.data.val_fraction,
             test_fraction=config.data.test_fraction,
-            num_fractions=config.chain.length,
             fraction=config.chain.fraction,
-            seed=config.seed,
         )
-        splits = make_run_splits(config, data)
     report.print_data_summary(progress, data, splits)
     mesh = parallel.data_mesh()
     jobs = plan_jobs(config, splits, data.num_classes)

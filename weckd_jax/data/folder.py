@@ -99,6 +99,7 @@ from absl import logging
 from PIL import Image, ImageOps
 
 from weckd_jax.data import cache as cache_lib
+from weckd_jax.data.splits import Splits, class_counts
 from weckd_jax.data.types import DataError, ImageSet
 
 __all__ = [
@@ -948,34 +949,21 @@ def load(data_config) -> ImageSet:
 
 def check_enough(
     data: ImageSet,
+    splits: Splits,
     *,
     val_fraction: float,
     test_fraction: float,
-    num_fractions: int,
     fraction: float,
-    seed: int = 0,
 ) -> None:
-    """Raises `DataError` unless every class gets >= 1 image in val, test and every chain fraction.
+    """Raises `DataError` unless every class has >= 1 image in val, test and every chain fraction.
 
-    Runs the run's own split (`weckd_jax.data.splits.make_splits`, group-disjoint when
-    ``data.groups`` is set, honouring ``data.split``) with ``seed`` and counts each class in every
-    part, so the answer is exact for that seed. The message names the short classes, how many
-    images (and groups) they have, the parts they miss, about how many per class the settings need,
-    and the fixes. Call it before training (cheap: no images are touched).
+    ``splits`` is the run's own split of ``data`` (`weckd_jax.chain.make_run_splits`), so the
+    answer is exact for the run's seed; ``val_fraction``, ``test_fraction`` and ``fraction`` (the
+    settings that made it) only serve the message, which names the short classes, how many images
+    (and groups) they have, the parts they miss, about how many per class the settings need, and
+    the fixes. Call it before training (cheap: no images are touched).
     """
-    from weckd_jax.data.splits import class_counts, make_splits
-
-    splits = make_splits(
-        data.labels,
-        data.groups,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        num_fractions=num_fractions,
-        fraction=fraction,
-        label_ratio=1.0,
-        seed=seed,
-        fixed_split=data.split,
-    )
+    num_fractions = len(splits.fractions)
     k = data.num_classes
     parts = [("val", splits.val), ("test", splits.test)]
     parts += [(f"fraction {i}", f) for i, f in enumerate(splits.fractions, start=1)]
