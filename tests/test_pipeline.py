@@ -96,7 +96,7 @@ def test_iterator_state_resumes_exactly():
 
 def test_eval_batches_pad_the_last_batch():
     data = _data(10)
-    out = list(pipeline.eval_batches(data, np.arange(10), batch_size=4))
+    out = list(pipeline.eval_batches(data.images, np.arange(10), batch_size=4))
     assert [valid for _, valid in out] == [4, 4, 2]
     assert all(images.shape[0] == 4 for images, _ in out)
     assert out[-1][0][:2, 0, 0, 0].tolist() == [8, 9]

@@ -84,14 +84,29 @@ def evaluate(
     mesh: jax.sharding.Mesh,
 ) -> tuple[np.ndarray, dict]:
     """Class probabilities ``[len(index), K]`` and `metrics.classification_metrics` on ``index``."""
+    probs = probabilities(spec, variables, data.images, index, batch_size=batch_size, mesh=mesh)
+    return probs, metrics.classification_metrics(probs, data.labels[index])
+
+
+def probabilities(
+    spec: train.ModelSpec,
+    variables: dict[str, PyTree],
+    images: np.ndarray,
+    index: np.ndarray,
+    *,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+) -> np.ndarray:
+    """Class probabilities ``[len(index), K]`` of the uint8 ``images[index]``, in fixed-size
+    padded batches (one compiled program for any number of images), each process feeding its
+    rows of every batch."""
     eval_step = train.make_eval_step(spec, mesh)
     probs = []
-    for images, valid in pipeline.eval_batches(data, index, batch_size=batch_size):
-        local = parallel.process_rows(images)
+    for batch, valid in pipeline.eval_batches(images, index, batch_size=batch_size):
+        local = parallel.process_rows(batch)
         out = eval_step(variables, parallel.global_batch({"image": local}, mesh)["image"])
         probs.append(np.asarray(jax.device_get(out))[:valid])
-    probs = np.concatenate(probs) if probs else np.zeros((0, data.num_classes), np.float32)
-    return probs, metrics.classification_metrics(probs, data.labels[index])
+    return np.concatenate(probs) if probs else np.zeros((0, spec.num_classes), np.float32)
 
 
 def train_job(

@@ -34,7 +34,7 @@ import sys
 import jax
 import numpy as np
 
-from weckd_jax import chain, checkpoints, files, parallel, train
+from weckd_jax import chain, checkpoints, files, parallel
 from weckd_jax.data import folder
 from weckd_jax.data.folder import IMAGE_EXTENSIONS
 
@@ -45,7 +45,6 @@ __all__ = [
     "load_results",
     "main",
     "predict",
-    "predict_arrays",
     "write_csv",
 ]
 
@@ -154,23 +153,6 @@ def _decoder():
     return folder.decode_image
 
 
-def predict_arrays(spec, variables, images: np.ndarray, *, batch_size: int, mesh) -> np.ndarray:
-    """Probabilities ``[N, K]`` of uint8 images ``[N, S, S, C]`` in fixed-size padded batches
-    (one compiled program; the last batch is padded by repeating its first row, as
-    `weckd_jax.data.pipeline.eval_batches` does)."""
-
-    eval_step = train.make_eval_step(spec, mesh)
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        valid = len(batch)
-        if valid < batch_size:
-            batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - valid, axis=0)])
-        probs = eval_step(variables, parallel.global_batch({"image": batch}, mesh)["image"])
-        out.append(np.asarray(jax.device_get(probs))[:valid])
-    return np.concatenate(out) if out else np.zeros((0, spec.num_classes), np.float32)
-
-
 def _batch_size(workdir: str, requested: int | None) -> int:
 
     size = requested
@@ -241,7 +223,14 @@ def predict(
             kept.append(path)
         if images:
             probs.append(
-                predict_arrays(spec, variables, np.stack(images), batch_size=batch, mesh=mesh)
+                chain.probabilities(
+                    spec,
+                    variables,
+                    np.stack(images),
+                    np.arange(len(images)),
+                    batch_size=batch,
+                    mesh=mesh,
+                )
             )
     if not kept:
         raise PredictError(

@@ -74,8 +74,8 @@ def train_pipeline(
     )
 
 
-def eval_batches(data: ImageSet, index: np.ndarray, *, batch_size: int):
-    """Fixed-size batches over ``index`` in order, the last one padded by repeating row 0.
+def eval_batches(images: np.ndarray, index: np.ndarray, *, batch_size: int):
+    """Fixed-size batches of ``images[index]`` in order, the last one padded by repeating row 0.
 
     Yields ``(images uint8 [batch_size, H, W, C], valid)`` where ``valid`` is how many leading
     rows are real. Padding keeps one compiled eval program for every split size.
@@ -85,4 +85,4 @@ def eval_batches(data: ImageSet, index: np.ndarray, *, batch_size: int):
         valid = len(rows)
         if valid < batch_size:
             rows = np.concatenate([rows, np.full(batch_size - valid, rows[0])])
-        yield data.images[rows], valid
+        yield images[rows], valid
