@@ -15,6 +15,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+# The XLA:CPU options the command-line tools set, for this process and its subprocesses.
+from weckd_jax import ops  # noqa: E402
+
+ops.configure_cpu_flags()
+
 
 def smoke_config():
     from configs import smoke

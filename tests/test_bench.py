@@ -6,7 +6,7 @@ from weckd_jax import bench
 
 def test_bench_reports_every_figure():
     result = bench.run(smoke_config(), repeats=1, steps=1)
-    assert set(result["train_step"]) == {"supervised", "kd", "kd_at"}
+    assert set(result["train_step"]) == {"supervised", "kd", "kd_at", "kd_at_cached"}
     for name, row in result["train_step"].items():
         assert row["images_per_s"] > 0 and row["step_ms"] > 0
         assert result["compile_seconds"][name] > 0

@@ -23,6 +23,7 @@ from jax.test_util import check_grads
 from weckd_jax import losses
 from weckd_jax.losses import (
     attention_map,
+    attention_pool,
     attention_transfer,
     cross_entropy,
     kd_kl,
@@ -570,6 +571,32 @@ def test_attention_transfer_teacher_gets_no_gradient():
     np.testing.assert_allclose(attention_transfer(fs, fs), 0.0, atol=1e-7)
 
 
+@pytest.mark.parametrize("p", [1, 1.5, 2, 3])
+@pytest.mark.parametrize(
+    "s_shape, t_shape", [(FEAT_S, FEAT_T), (FEAT_S, FEAT_BIG), ((B, 6, 6, 3), FEAT_T)]
+)
+def test_attention_pool_is_a_lossless_stand_in_for_teacher_features(p, s_shape, t_shape):
+    fs, ft = _feat(0, s_shape), _feat(1, t_shape)
+    pooled = attention_pool(ft, p=p)
+    assert pooled.shape == (*t_shape[:-1], 1)
+    np.testing.assert_allclose(attention_map(pooled, p=p), attention_map(ft, p=p), rtol=1e-5)
+    np.testing.assert_allclose(
+        attention_transfer(fs, pooled, p=p), attention_transfer(fs, ft, p=p), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_attention_pool_hand_values_and_errors():
+    f = np.zeros((1, 1, 2, 2), np.float32)
+    f[0, 0, 0] = [3.0, -4.0]  # mean |F|^2 = 12.5, mean |F| = 3.5
+    np.testing.assert_allclose(attention_pool(f)[0, 0, :, 0], [math.sqrt(12.5), 0.0])
+    np.testing.assert_allclose(attention_pool(f, p=1)[0, 0, :, 0], [3.5, 0.0])
+    assert attention_pool(f.astype(jnp.bfloat16)).dtype == jnp.float32
+    with pytest.raises(ValueError, match="NHWC feature map"):
+        attention_pool(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="p"):
+        attention_pool(f, p=0.5)
+
+
 # ------------------------------------------------------------------------------------------------
 # temperature schedules
 # ------------------------------------------------------------------------------------------------
@@ -881,6 +908,7 @@ def test_import_does_not_pull_heavy_dependencies():
 def test_public_api_and_docstring_examples():
     assert set(losses.__all__) == {
         "attention_map",
+        "attention_pool",
         "attention_transfer",
         "cross_entropy",
         "kd_kl",

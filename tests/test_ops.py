@@ -408,26 +408,57 @@ def test_cpu_ops():
 # ------------------------------------------------------------------------------------------
 
 
-def test_configure_cpu_flags_environment():
-    # Default: XLA's defaults stay (the flag measured no faster with these ops).
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    assert ops.configure_cpu_flags(environ=env) is None
-    assert env == {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-
+def test_configure_cpu_flags_environment(monkeypatch):
     env = {}
-    assert ops.configure_cpu_flags(ynn_convolutions=False, environ=env) == ops.YNN_CONV_FLAG
+    assert ops.configure_cpu_flags(environ=env) == ops.YNN_CONV_FLAG
     assert env["XLA_FLAGS"] == ops.YNN_CONV_FLAG
-    assert ops.configure_cpu_flags(ynn_convolutions=False, environ=env) is None  # idempotent
+    assert ops.configure_cpu_flags(environ=env) is None  # idempotent
     assert env["XLA_FLAGS"] == ops.YNN_CONV_FLAG
 
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    ops.configure_cpu_flags(ynn_convolutions=False, environ=env)
+    ops.configure_cpu_flags(environ=env)
     assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {ops.YNN_CONV_FLAG}"
 
     user = "--xla_cpu_experimental_ynn_fusion_type=default"
     env = {"XLA_FLAGS": user}
-    assert ops.configure_cpu_flags(ynn_convolutions=False, environ=env) is None  # user's wins
+    assert ops.configure_cpu_flags(environ=env) is None  # the user's setting wins
     assert env["XLA_FLAGS"] == user
+
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert ops.configure_cpu_flags(ynn_convolutions=True, environ=env) is None  # opt out
+    assert env == {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+    # A jaxlib the flag was not checked on: XLA would abort on an unknown flag, so none is set.
+    monkeypatch.setattr(ops.jaxlib, "__version__", "0.11.0")
+    env = {}
+    assert ops.configure_cpu_flags(environ=env) is None and env == {}
+
+
+def test_command_line_tools_set_the_flag_before_jax_starts(tmp_path):
+    """`launch` configures XLA first thing: its subprocess sees the flag in XLA_FLAGS."""
+    code = textwrap.dedent(
+        """
+        import os, sys
+        from weckd_jax import launch
+        ops = launch.ops
+        configure = ops.configure_cpu_flags
+        ops.configure_cpu_flags = lambda: print(
+            "configured", configure(), "backend started:", ops._backends_initialized()
+        )
+        sys.argv = ["launch", "--config", sys.argv[1], "--config.chain.length=0"]
+        from absl import app
+        app.run(launch.main, flags_parser=launch.cli.parse_flags)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    config = os.path.join(root, "configs", "smoke.py")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, config], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert f"configured {ops.YNN_CONV_FLAG} backend started: False" in proc.stdout
+    assert "chain.length=0 must be >= 1" in proc.stderr
 
 
 def test_xla_flag_is_accepted_by_this_jaxlib():

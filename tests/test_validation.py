@@ -32,6 +32,8 @@ def _set(config, key, value):
         ("distill.t_min", 0.0, "distill.t_min=0.0 must be > 0"),
         ("distill.t_max", 1.0, "distill.t_max=1.0 must be >= distill.t_min=2.0"),
         ("distill.schedule", "exp", "distill.schedule='exp' is unknown; valid: constant"),
+        ("distill.teacher_cache", "yes", "distill.teacher_cache='yes' is unknown; valid: auto"),
+        ("distill.teacher_cache", "on", "teacher_cache='on' needs train.augment=False"),
         ("model.backbone", "vgg16", "model.backbone 'vgg16' is unknown; valid: resnet10"),
         ("model.backbone", "resnet18,resnet10", "names 2 backbones for chain.length=3"),
         ("model.stem", "huge", "model.stem='huge' is unknown"),

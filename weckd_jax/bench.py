@@ -4,9 +4,11 @@
 
 For the config's first backbone it times, on every local device: the supervised step (link 1 and
 the baselines), the KD step (a frozen teacher of the same architecture), the KD + attention
-transfer step, the eval step, and the grain pipeline with the batch placement. Each figure is the
-median of ``--repeats`` timed windows of ``--steps`` steps, after a warm-up; compile seconds are
-measured separately, and achieved GFLOP/s come from XLA's cost analysis of the compiled step.
+transfer step, the same with the teacher's outputs cached (``distill.teacher_cache``, used when
+augmentation is off), the eval step, and the grain pipeline with the batch placement. Each
+figure is the median of ``--repeats`` timed windows of ``--steps`` steps, after a warm-up;
+compile seconds are measured separately, and achieved GFLOP/s come from XLA's cost analysis of
+the compiled step.
 Example, the ResNet-18 used to compare frameworks:
 
     python -m weckd_jax.bench --config configs/default.py --config.model.backbone=resnet18 \\
@@ -27,7 +29,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from weckd_jax import chain, files, parallel, train
+from weckd_jax import chain, files, ops, parallel, train
 from weckd_jax import config as config_lib
 from weckd_jax.data import pipeline
 from weckd_jax.data.synthetic import generate
@@ -64,8 +66,8 @@ def _train_rate(step, state, teacher_vars, batch, key, steps: int, repeats: int)
 
 
 def bench_steps(config, *, repeats: int, steps: int) -> dict:
-    """Images/s, compile seconds and GFLOP/s of the supervised, KD and KD + AT train steps and of
-    the eval step."""
+    """Images/s, compile seconds and GFLOP/s of the supervised, KD, KD + AT and cached-teacher
+    KD + AT train steps and of the eval step."""
     mesh = parallel.data_mesh()
     size, batch = config.data.image_size, config.train.batch_size
     channels = config.data.channels or 3
@@ -92,23 +94,30 @@ def bench_steps(config, *, repeats: int, steps: int) -> dict:
         mesh,
     )
     out: dict = {"train_step": {}, "compile_seconds": {}, "gflops_per_s": {}}
+    # KD without and with attention transfer; then KD + AT reading the teacher's outputs from
+    # the batch (what `distill.teacher_cache` does when augmentation is off).
+    kd_cfg = dataclasses.replace(chain.step_config(config), use_attention=False)
+    at_cfg = dataclasses.replace(kd_cfg, use_attention=True)
+    cached_cfg = dataclasses.replace(at_cfg, augment=False, cached_teacher=True)
+    outputs = train.make_teacher_step((spec,), cached_cfg, mesh)((teacher,), device_batch["image"])
+    cached_batch = parallel.global_batch({**host_batch, **jax.device_get(outputs)}, mesh)
     variants = {
-        "supervised": ((), (), False),
-        "kd": ((spec,), (teacher,), False),
-        "kd_at": ((spec,), (teacher,), True),
+        "supervised": ((), (), kd_cfg, device_batch),
+        "kd": ((spec,), (teacher,), kd_cfg, device_batch),
+        "kd_at": ((spec,), (teacher,), at_cfg, device_batch),
+        "kd_at_cached": ((spec,), (), cached_cfg, cached_batch),
     }
-    for name, (teacher_specs, teacher_vars, attention) in variants.items():
-        step_cfg = dataclasses.replace(chain.step_config(config), use_attention=attention)
+    for name, (teacher_specs, teacher_vars, step_cfg, step_batch) in variants.items():
         state = parallel.replicate(
             train.init_state(spec, step_cfg, jax.random.key(0), image_shape, hparams), mesh
         )
         step = train.make_train_step(spec, teacher_specs, step_cfg, mesh)
         key = jax.random.key(2)
         start = time.perf_counter()
-        compiled = step.lower(state, teacher_vars, device_batch, key).compile()
+        compiled = step.lower(state, teacher_vars, step_batch, key).compile()
         out["compile_seconds"][name] = time.perf_counter() - start
         flops = (compiled.cost_analysis() or {}).get("flops")
-        rate = _train_rate(compiled, state, teacher_vars, device_batch, key, steps, repeats)
+        rate = _train_rate(compiled, state, teacher_vars, step_batch, key, steps, repeats)
         out["train_step"][name] = {"images_per_s": rate, "step_ms": 1000 * batch / rate}
         if flops:
             out["gflops_per_s"][name] = flops * rate / batch / 1e9
@@ -167,6 +176,8 @@ def run(config, *, repeats: int, steps: int) -> dict:
     result["ratios"] = {
         "kd_over_supervised": result["train_step"]["kd"]["step_ms"] / supervised,
         "kd_at_over_supervised": result["train_step"]["kd_at"]["step_ms"] / supervised,
+        "kd_at_cached_over_supervised": result["train_step"]["kd_at_cached"]["step_ms"]
+        / supervised,
         "pipeline_over_kd_at": result["pipeline"]["images_per_s"]
         / result["train_step"]["kd_at"]["images_per_s"],
     }
@@ -190,12 +201,14 @@ def print_table(result: dict) -> None:
     r = result["ratios"]
     print(
         f"KD / supervised step time {r['kd_over_supervised']:.2f}, KD+AT / supervised "
-        f"{r['kd_at_over_supervised']:.2f}, pipeline / KD+AT throughput "
+        f"{r['kd_at_over_supervised']:.2f} (cached teacher {r['kd_at_cached_over_supervised']:.2f})"
+        f", pipeline / KD+AT throughput "
         f"{r['pipeline_over_kd_at']:.1f}; peak RSS {result['peak_rss_mb']:.0f} MB"
     )
 
 
 def main(argv: list[str]) -> None:
+    ops.configure_cpu_flags()  # before JAX starts a backend
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)

@@ -97,16 +97,48 @@ def probabilities(
     batch_size: int,
     mesh: jax.sharding.Mesh,
 ) -> np.ndarray:
-    """Class probabilities ``[len(index), K]`` of the uint8 ``images[index]``, in fixed-size
-    padded batches (one compiled program for any number of images), each process feeding its
-    rows of every batch."""
+    """Class probabilities ``[len(index), K]`` of the uint8 ``images[index]``."""
+    if len(index) == 0:
+        return np.zeros((0, spec.num_classes), np.float32)
     eval_step = train.make_eval_step(spec, mesh)
-    probs = []
+    return _padded_map(eval_step, variables, images, index, batch_size=batch_size, mesh=mesh)
+
+
+def _padded_map(fn, variables, images, index, *, batch_size: int, mesh) -> PyTree:
+    """``fn(variables, images[index])`` (a pytree of ``[len(index), ...]`` host arrays), run in
+    fixed-size padded batches (one compiled program for any number of images), each process
+    feeding its rows of every batch; ``fn`` returns replicated arrays."""
+    outputs = []
     for batch, valid in pipeline.eval_batches(images, index, batch_size=batch_size):
         local = parallel.process_rows(batch)
-        out = eval_step(variables, parallel.global_batch({"image": local}, mesh)["image"])
-        probs.append(np.asarray(jax.device_get(out))[:valid])
-    return np.concatenate(probs) if probs else np.zeros((0, spec.num_classes), np.float32)
+        out = fn(variables, parallel.global_batch({"image": local}, mesh)["image"])
+        outputs.append(jax.tree.map(lambda a, v=valid: np.asarray(a)[:v], jax.device_get(out)))
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+
+
+def caches_teacher(config) -> bool:
+    """Whether links compute their teachers' outputs once per example (``distill.teacher_cache``:
+    "on", or "auto" when augmentation is off) instead of in every step."""
+    mode = config.distill.teacher_cache
+    return mode == "on" or (mode == "auto" and not config.train.augment)
+
+
+def teacher_cache(
+    specs: tuple[train.ModelSpec, ...],
+    teacher_vars: tuple,
+    step_cfg: train.StepConfig,
+    data: ImageSet,
+    index: np.ndarray,
+    *,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+) -> dict:
+    """The teachers' outputs on ``data.images[index]`` (see `train.teacher_outputs`), as host
+    arrays with one row per entry of ``index``: what a ``cached_teacher`` step reads."""
+    teacher_step = train.make_teacher_step(specs, step_cfg, mesh)
+    return _padded_map(
+        teacher_step, teacher_vars, data.images, index, batch_size=batch_size, mesh=mesh
+    )
 
 
 def train_job(
@@ -144,6 +176,19 @@ def train_job(
     teacher_vars = parallel.replicate(tuple(v for _, v in teachers), mesh)
 
     step_cfg = step_config(config)
+    extras = None
+    if teachers and caches_teacher(config):
+        with timer("train"):
+            extras = teacher_cache(
+                teacher_specs,
+                teacher_vars,
+                step_cfg,
+                data,
+                job.train_index,
+                batch_size=cfg_train.eval_batch_size,
+                mesh=mesh,
+            )
+        step_cfg = dataclasses.replace(step_cfg, cached_teacher=True)
     with timer("compile"):
         state = train.init_state(
             job.spec,
@@ -155,6 +200,7 @@ def train_job(
         )
     state = parallel.replicate(state, mesh)
     step_fn = train.make_train_step(job.spec, teacher_specs, step_cfg, mesh)
+    step_teacher_vars = () if step_cfg.cached_teacher else teacher_vars
     dataset = pipeline.train_pipeline(
         data,
         job.train_index,
@@ -162,6 +208,7 @@ def train_job(
         batch_size=batch_size,
         total_steps=total_steps,
         seed=config.seed * 1009 + job.index,
+        extras=extras,
     )
     batches = iter(dataset.to_iter_dataset())
 
@@ -192,12 +239,12 @@ def train_job(
         if step_fn._cache_size() == 0:
             with timer("compile"):
                 compile_start = time.perf_counter()
-                state, m = step_fn(state, teacher_vars, batch, step_key)
+                state, m = step_fn(state, step_teacher_vars, batch, step_key)
                 jax.block_until_ready(state)
                 window_start += time.perf_counter() - compile_start
         else:
             with timer("train"):
-                state, m = step_fn(state, teacher_vars, batch, step_key)
+                state, m = step_fn(state, step_teacher_vars, batch, step_key)
         pending.append(m)
         done = step + 1
         epoch_end = done % epoch_steps == 0

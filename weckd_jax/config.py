@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.distill.t_max = 6.0  # temperature at the start of a link
     c.distill.t_min = 2.0  # temperature at the end of a link
     c.distill.schedule = "cosine"  # "constant" (t_max) | "linear" | "cosine"
+    # Teacher outputs computed once per example instead of in every step: "auto" (when
+    # train.augment is off, the only case where it is exact) | "on" (requires augment off) | "off"
+    c.distill.teacher_cache = "auto"
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 20  # epochs per link and baseline
@@ -237,6 +240,16 @@ def validate(config) -> None:
     need(
         c.distill.schedule in kinds,
         f"distill.schedule={c.distill.schedule!r} is unknown; valid: {', '.join(kinds)}",
+    )
+    need(
+        c.distill.teacher_cache in ("auto", "on", "off"),
+        f"distill.teacher_cache={c.distill.teacher_cache!r} is unknown; valid: auto, on, off",
+    )
+    need(
+        not (c.distill.teacher_cache == "on" and c.train.augment),
+        "distill.teacher_cache='on' needs train.augment=False: with random augmentation the "
+        "teacher must see each step's augmented view. Set --config.train.augment=False, or "
+        "distill.teacher_cache=auto (caches only when augmentation is off)",
     )
     need(c.train.epochs >= 1, f"train.epochs={c.train.epochs} must be >= 1")
     need(c.train.batch_size >= 1, f"train.batch_size={c.train.batch_size} must be >= 1")

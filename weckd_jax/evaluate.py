@@ -27,7 +27,7 @@ import sys
 import jax
 import numpy as np
 
-from weckd_jax import chain, checkpoints, files, parallel, predict
+from weckd_jax import chain, checkpoints, files, ops, parallel, predict
 from weckd_jax import config as config_lib
 from weckd_jax import data as data_lib
 from weckd_jax.data import DataError
@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     from absl import flags, logging
     from ml_collections import config_flags
 
+    ops.configure_cpu_flags()  # before JAX starts a backend
     argv = sys.argv if argv is None else argv
     values = _flags(argv)
 

@@ -21,7 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from weckd_jax import chain, cli, distributed
+from weckd_jax import chain, cli, distributed, ops
 from weckd_jax import config as config_lib
 from weckd_jax.data import DataError
 from weckd_jax.data.splits import SplitError
@@ -45,6 +45,7 @@ def default_workdir(config_path: str) -> str:
 
 
 def main(argv: list[str]) -> None:
+    ops.configure_cpu_flags()  # before JAX starts a backend
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO

@@ -25,6 +25,8 @@ Functions:
 * :func:`kd_kl_multi` -- weighted sum of :func:`kd_kl` over several teachers (dense chain).
 * :func:`attention_map` -- Zagoruyko-Komodakis spatial attention of an NHWC feature map.
 * :func:`attention_transfer` -- squared L2 distance between normalised attention maps.
+* :func:`attention_pool` -- a feature map reduced to the one channel attention transfer reads
+  (to precompute and store a frozen teacher's maps).
 * :func:`temperature_schedule` -- constant / linear / cosine temperature annealing.
 * :func:`weckd_loss` -- the WeCKD objective: CE on labelled examples, KD (all examples) and AT.
 * :func:`masked_mean` -- mean over the counted examples (0 for an all-masked batch).
@@ -55,6 +57,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "attention_map",
+    "attention_pool",
     "attention_transfer",
     "cross_entropy",
     "kd_kl",
@@ -505,6 +508,45 @@ def attention_map(features: chex.Array, *, p: float = 2) -> chex.Array:
 def _attention_map_core(features: chex.Array, p: float) -> chex.Array:
     a = _attention_2d(features, p)
     return _normalise(a.reshape(a.shape[:-2] + (a.shape[-2] * a.shape[-1],)))
+
+
+def attention_pool(features: chex.Array, *, p: float = 2) -> chex.Array:
+    r"""Reduces an NHWC feature map to the single channel that attention transfer depends on.
+
+    .. math::
+        P(F)_{hw} = \Big(\frac{1}{C} \sum_c |F_{hwc}|^p\Big)^{1/p}
+
+    so that ``attention_map(attention_pool(F, p=p), p=p) == attention_map(F, p=p)`` and
+    ``attention_transfer(F_s, attention_pool(F_t, p=p), p=p) == attention_transfer(F_s, F_t,
+    p=p)`` up to float rounding. A frozen teacher's maps can therefore be computed once, stored
+    at ``1/C`` of the feature size, and passed wherever teacher features are expected. It is
+    meant for teachers (under ``stop_gradient``): the ``1/p`` root has no finite gradient where
+    a whole pixel's activations are zero.
+
+    Args:
+      features: NHWC feature map ``[B, H, W, C]`` (any leading batch shape ``[..., H, W, C]``).
+      p: exponent, a Python number ``>= 1`` (default 2); use the same ``p`` as the loss.
+
+    Returns:
+      ``[B, H, W, 1]``, non-negative, float32 for low-precision inputs.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> attention_pool(jnp.full((1, 2, 2, 3), -2.0)).squeeze(-1)
+      Array([[[2., 2.],
+              [2., 2.]]], dtype=float32)
+    """
+    _check_features("features", features)
+    _check_p(p)
+    return _attention_pool_core(features, p=float(p))
+
+
+@functools.partial(jax.jit, static_argnames=("p",))
+def _attention_pool_core(features: chex.Array, p: float) -> chex.Array:
+    a = _attention_2d(features, p)
+    root = jnp.sqrt(a) if p == 2 else a ** (1.0 / p)  # sqrt: correctly rounded
+    return root[..., None]
 
 
 def _resize_attention(a: chex.Array, size: tuple[int, int]) -> chex.Array:

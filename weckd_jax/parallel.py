@@ -32,17 +32,17 @@ def replicate(tree, mesh: Mesh):
     return jax.device_put(tree, replicated(mesh))
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles this process's rows of a batch into global arrays sharded on ``"data"``.
+def global_batch(local_batch, mesh: Mesh):
+    """Assembles this process's rows of a batch (a pytree of arrays) into global arrays sharded
+    on ``"data"``.
 
     Each process passes its own ``[global_batch / process_count, ...]`` rows; the result has the
     global leading dimension.
     """
     sharding = batch_sharded(mesh)
-    return {
-        key: jax.make_array_from_process_local_data(sharding, value)
-        for key, value in local_batch.items()
-    }
+    return jax.tree.map(
+        lambda value: jax.make_array_from_process_local_data(sharding, value), local_batch
+    )
 
 
 def process_rows(global_rows: np.ndarray) -> np.ndarray:

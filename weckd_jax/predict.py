@@ -34,7 +34,7 @@ import sys
 import jax
 import numpy as np
 
-from weckd_jax import chain, checkpoints, files, parallel
+from weckd_jax import chain, checkpoints, files, ops, parallel
 from weckd_jax.data import folder
 from weckd_jax.data.folder import IMAGE_EXTENSIONS
 
@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (2 and one message on a user error)."""
     from absl import logging
 
+    ops.configure_cpu_flags()  # before JAX starts a backend
     args = _parser().parse_args(argv)
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
 

@@ -62,6 +62,7 @@ class StepConfig:
     max_shift: int = 4
     intensity: float = 0.1
     augment: bool = True
+    cached_teacher: bool = False  # teacher outputs come in the batch (`make_teacher_step`)
 
 
 @flax.struct.dataclass
@@ -152,7 +153,9 @@ def make_train_step(
     ``teacher_vars`` is a tuple of ``{"params", "batch_stats"}`` dicts, one per entry of
     ``teachers`` (empty for a link with no teacher). ``batch`` holds ``image`` uint8
     ``[B, H, W, C]``, ``label`` int32 ``[B]`` (-1 where unlabelled) and ``label_mask`` float32
-    ``[B]``. ``metrics`` are
+    ``[B]``. With ``config.cached_teacher`` the teachers do not run in the step: ``teacher_vars``
+    is empty and ``batch`` also carries their outputs, computed once by `make_teacher_step`
+    (exact only without random augmentation, which the step then refuses). ``metrics`` are
     batch means: ``loss``, ``ce``, ``kd``, ``at``, ``accuracy`` (labelled examples),
     ``learning_rate``, ``temperature``, ``grad_norm`` and ``nonfinite`` (1 when the loss or the
     gradient was NaN/Inf: the update is then skipped and the state left as it was).
@@ -165,7 +168,56 @@ def make_train_step(
     )
 
 
+def teacher_outputs(
+    models: tuple, teacher_vars: tuple, images: jax.Array, config: StepConfig
+) -> dict[str, tuple]:
+    """The frozen teachers on float ``images``, in eval mode, under ``stop_gradient``.
+
+    Returns ``{"teacher_logits": ([B, K], ...), "teacher_features": (([B, H, W, 1], ...), ...)}``,
+    one entry per teacher; the features are `losses.attention_pool` of each stage (all attention
+    transfer needs) or empty tuples when attention transfer is off.
+    """
+    logits_out, features_out = [], []
+    for model, variables in zip(models, teacher_vars, strict=True):
+        logits, features = model.apply(variables, images, train=False)
+        logits_out.append(jax.lax.stop_gradient(logits))
+        pooled = ()
+        if config.use_attention:
+            pooled = tuple(
+                jax.lax.stop_gradient(losses.attention_pool(f, p=config.attention_p))
+                for f in features
+            )
+        features_out.append(pooled)
+    return {"teacher_logits": tuple(logits_out), "teacher_features": tuple(features_out)}
+
+
+def make_teacher_step(
+    teachers: tuple[ModelSpec, ...], config: StepConfig, mesh: jax.sharding.Mesh
+) -> Callable:
+    """The jitted ``teacher_step(teacher_vars, images_uint8) -> teacher_outputs(...)``, replicated.
+
+    What a ``cached_teacher`` train step reads from its batch: run it once per example before a
+    link (no augmentation, so every epoch would compute the same values).
+    """
+    key = ("teacher", teachers, config.use_attention, config.attention_p, mesh)
+
+    def build():
+        models = tuple(t.build() for t in teachers)
+
+        def teacher_step(teacher_vars, images):
+            return teacher_outputs(models, teacher_vars, augment_lib.to_float(images), config)
+
+        return jax.jit(teacher_step, out_shardings=parallel.replicated(mesh))
+
+    return _cached(key, build)
+
+
 def _build_train_step(student, teachers, config, mesh) -> Callable:
+    if config.cached_teacher and config.augment:
+        raise ValueError(
+            "cached teacher outputs are exact only without random augmentation: set "
+            "augment=False, or let the teachers run inside the step (cached_teacher=False)"
+        )
     student_model = student.build()
     teacher_models = tuple(t.build() for t in teachers)
     tx = make_optimizer(config)
@@ -180,11 +232,11 @@ def _build_train_step(student, teachers, config, mesh) -> Callable:
                 max_shift=config.max_shift,
                 intensity=config.intensity,
             )
-        teacher_logits, teacher_features = [], []
-        for model, variables in zip(teacher_models, teacher_vars, strict=True):
-            logits, features = model.apply(variables, images, train=False)
-            teacher_logits.append(jax.lax.stop_gradient(logits))
-            teacher_features.append(jax.lax.stop_gradient(features))
+        if config.cached_teacher:
+            teacher = {k: batch[k] for k in ("teacher_logits", "teacher_features")}
+        else:
+            teacher = teacher_outputs(teacher_models, teacher_vars, images, config)
+        attention = config.use_attention and bool(teachers)
         temp = temperature(state.step, state.hparams, config.temperature_schedule)
         label_mask = batch["label_mask"]
 
@@ -199,10 +251,10 @@ def _build_train_step(student, teachers, config, mesh) -> Callable:
                 logits,
                 batch["label"],
                 label_mask=label_mask,
-                teacher_logits=teacher_logits or None,
+                teacher_logits=list(teacher["teacher_logits"]) or None,
                 teacher_weights=state.hparams.get("teacher_weights"),
-                student_features=features if config.use_attention and teachers else (),
-                teacher_features=teacher_features if config.use_attention and teachers else None,
+                student_features=features if attention else (),
+                teacher_features=list(teacher["teacher_features"]) if attention else None,
                 alpha=state.hparams["alpha"],
                 beta=state.hparams["beta"],
                 temperature=temp,

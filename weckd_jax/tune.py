@@ -42,7 +42,7 @@ import warnings
 # `chain` (orbax, grain, matplotlib) and `optuna` are imported where used: `config.validate`
 # imports this module, and a mistake on the command line is reported before they load.
 from weckd_jax import config as config_lib
-from weckd_jax import files
+from weckd_jax import files, ops
 from weckd_jax.progress import Progress
 
 ConfigError = config_lib.ConfigError
@@ -678,6 +678,7 @@ def main_cli() -> None:
     )
 
     def main(argv: list[str]) -> None:
+        ops.configure_cpu_flags()  # before JAX starts a backend
         if len(argv) > 1:
             cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
         if not workdir_flag.value:

@@ -31,6 +31,7 @@ def train_pipeline(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    extras: dict | None = None,
 ) -> grain.MapDataset:
     """Batches of one fraction for ``total_steps`` steps: this process's rows of each global batch.
 
@@ -42,11 +43,14 @@ def train_pipeline(
       total_steps: number of batches to produce.
       seed: shuffling seed; the order changes every epoch and is the same on every run.
       process_index, process_count: default to ``jax.process_index()`` / ``jax.process_count()``.
+      extras: optional per-example values to batch with the images, a dict of pytrees of arrays
+        ``[n, ...]`` aligned with ``index`` (e.g. cached teacher outputs).
 
     Returns:
       A `grain.MapDataset` of ``total_steps`` dicts with ``image`` uint8 ``[b, H, W, C]``,
-      ``label`` int32 ``[b]`` and ``label_mask`` float32 ``[b]``, ``b = batch_size /
-      process_count``. Global batch ``s`` is the concatenation of every process's batch ``s``.
+      ``label`` int32 ``[b]``, ``label_mask`` float32 ``[b]`` and the rows of ``extras``,
+      ``b = batch_size / process_count``. Global batch ``s`` is the concatenation of every
+      process's batch ``s``.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -55,12 +59,17 @@ def train_pipeline(
     epochs = math.ceil(total_steps * batch_size / n)
     labels = np.where(label_mask, data.labels[index], -1).astype(np.int32)
     masks = np.asarray(label_mask, np.float32)
+    extras = extras or {}
+    for leaf in jax.tree.leaves(extras):
+        if len(leaf) != n:
+            raise ValueError(f"extras must have one row per index entry ({n}), got {len(leaf)}")
 
-    def gather(positions: np.ndarray) -> dict[str, np.ndarray]:
+    def gather(positions: np.ndarray) -> dict:
         return {
             "image": data.images[index[positions]],
             "label": labels[positions],
             "label_mask": masks[positions],
+            **jax.tree.map(lambda a: a[positions], extras),
         }
 
     return (

@@ -1,0 +1,158 @@
+"""Teacher-output caching: computed once per example, it trains exactly as the teacher run in
+every step does, and it is used only where that is exact (no random augmentation)."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import smoke_config
+from weckd_jax import chain, parallel, train
+from weckd_jax.data import pipeline
+from weckd_jax.progress import Progress
+
+SPEC = train.ModelSpec(backbone="resnet10", num_classes=3, width=8, stem="small")
+SHAPE = (32, 32, 3)
+
+
+def _setup(step_cfg, num_teachers):
+    mesh = parallel.data_mesh()
+    hp = {
+        "learning_rate": 1e-2,
+        "weight_decay": 1e-4,
+        "warmup_steps": 0,
+        "total_steps": 10,
+        "alpha": 0.5,
+        "beta": 1.0,
+        "t_max": 4.0,
+        "t_min": 1.0,
+    }
+    if num_teachers > 1:
+        hp["teacher_weights"] = np.full(num_teachers, 1.0 / num_teachers)
+    state = train.init_state(SPEC, step_cfg, jax.random.key(0), SHAPE, hp)
+    teacher_vars = tuple(
+        train.init_state(SPEC, step_cfg, jax.random.key(10 + j), SHAPE, hp).variables
+        for j in range(num_teachers)
+    )
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (48, *SHAPE), dtype=np.uint8)
+    labels = rng.integers(0, 3, 48).astype(np.int32)
+    return mesh, state, parallel.replicate(teacher_vars, mesh), images, labels
+
+
+@pytest.mark.parametrize("num_teachers, attention", [(2, True), (1, False)])
+def test_cached_step_matches_teacher_in_the_step(num_teachers, attention):
+    step_cfg = train.StepConfig(augment=False, use_attention=attention)
+    mesh, state, teacher_vars, images, labels = _setup(step_cfg, num_teachers)
+    teachers = (SPEC,) * num_teachers
+    cache = chain.teacher_cache(
+        teachers, teacher_vars, step_cfg, _ImageSet(images), np.arange(48), batch_size=20, mesh=mesh
+    )
+    assert cache["teacher_logits"][0].shape == (48, 3)
+    expected_features = 4 if attention else 0
+    assert len(cache["teacher_features"][num_teachers - 1]) == expected_features
+    if attention:
+        assert cache["teacher_features"][0][0].shape == (48, 32, 32, 1)
+
+    live = train.make_train_step(SPEC, teachers, step_cfg, mesh)
+    cached_cfg = dataclasses.replace(step_cfg, cached_teacher=True)
+    cached = train.make_train_step(SPEC, teachers, cached_cfg, mesh)
+    host_state = jax.device_get(state)  # each step donates its own copy
+    states = {k: parallel.replicate(host_state, mesh) for k in ("live", "cached")}
+    for step in range(3):
+        rows = np.arange(16 * step, 16 * step + 16)
+        batch = {
+            "image": images[rows],
+            "label": labels[rows],
+            "label_mask": np.ones(16, np.float32),
+        }
+        extras = jax.tree.map(lambda a, r=rows: a[r], cache)
+        key = jax.random.key(step)
+        states["live"], m_live = live(
+            states["live"], teacher_vars, parallel.global_batch(batch, mesh), key
+        )
+        states["cached"], m_cached = cached(
+            states["cached"], (), parallel.global_batch({**batch, **extras}, mesh), key
+        )
+        for name in ("loss", "kd", "at", "ce"):
+            np.testing.assert_allclose(m_cached[name], m_live[name], rtol=2e-5, atol=1e-6)
+        assert float(m_live["kd"]) > 0 and (float(m_live["at"]) > 0) == attention
+    for a, b in zip(
+        jax.tree.leaves(states["cached"].params),
+        jax.tree.leaves(states["live"].params),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@dataclasses.dataclass
+class _ImageSet:
+    images: np.ndarray
+
+
+def test_cached_step_refuses_random_augmentation():
+    with pytest.raises(ValueError, match="exact only without random augmentation"):
+        train.make_train_step(
+            SPEC, (SPEC,), train.StepConfig(augment=True, cached_teacher=True), parallel.data_mesh()
+        )
+
+
+def test_pipeline_batches_extras_with_their_examples():
+    from weckd_jax.data.synthetic import generate
+
+    data = generate("otoscopy", num_images=40, image_size=32, seed=0)
+    index = np.arange(3, 35)
+    extras = {"teacher_logits": (index.astype(np.float32)[:, None] * [1.0, -1.0],)}
+    ds = pipeline.train_pipeline(
+        data, index, np.ones(32, bool), batch_size=8, total_steps=6, seed=1, extras=extras
+    )
+    for batch in ds:
+        rows = batch["teacher_logits"][0][:, 0].astype(int)
+        np.testing.assert_array_equal(batch["image"], data.images[rows])
+        np.testing.assert_array_equal(batch["teacher_logits"][0][:, 1], -rows)
+    with pytest.raises(ValueError, match="one row per index entry"):
+        pipeline.train_pipeline(
+            data,
+            index,
+            np.ones(32, bool),
+            batch_size=8,
+            total_steps=1,
+            seed=1,
+            extras={"x": np.zeros(5)},
+        )
+
+
+@pytest.mark.parametrize(
+    "mode, augment, expected", [("auto", False, True), ("auto", True, False), ("off", False, False)]
+)
+def test_caches_teacher_follows_the_config(mode, augment, expected):
+    config = smoke_config()
+    config.distill.teacher_cache = mode
+    config.train.augment = augment
+    assert chain.caches_teacher(config) is expected
+
+
+def test_chain_with_cache_equals_chain_without(tmp_path, monkeypatch):
+    calls = []
+    original = chain.teacher_cache
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(chain, "teacher_cache", counting)
+    results = {}
+    for mode in ("on", "off"):
+        config = smoke_config()
+        config.train.augment = False
+        config.distill.teacher_cache = mode
+        config.baselines.union_supervised = False
+        config.baselines.full_supervised = False
+        results[mode] = chain.run(config, str(tmp_path / mode), Progress(enabled=False))
+    assert len(calls) == 1  # link 2 of the "on" run; link 1 has no teacher
+    on, off = results["on"]["links"], results["off"]["links"]
+    assert on[0]["fingerprint"] == off[0]["fingerprint"]  # link 1 is untouched
+    for key in ("accuracy", "nll"):
+        np.testing.assert_allclose(on[1]["test"][key], off[1]["test"][key], rtol=1e-3, atol=1e-3)
+    assert on[1]["val"]["accuracy"] == pytest.approx(off[1]["val"]["accuracy"], abs=1e-6)
