@@ -118,6 +118,6 @@ def test_rerun_of_a_finished_run_trains_nothing_and_changed_config_is_refused(tm
 
     changed = _run(work, "--config.distill.alpha=0.3")
     assert changed.returncode == 2
-    assert "distill.alpha: 0.7 -> 0.3" in changed.stderr
+    assert "distill.alpha: 0.5 -> 0.3" in changed.stderr
     assert "Traceback" not in changed.stderr
     assert _results(work) == before

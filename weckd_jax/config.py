@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (params stay float32)
 
     c.distill = ml_collections.ConfigDict()
-    c.distill.alpha = 0.7  # weight of the KD term on labelled examples (1 on unlabelled)
+    c.distill.alpha = 0.5  # weight of the KD term on labelled examples (1 on unlabelled)
     c.distill.attention_weight = 1.0  # beta, weight of attention transfer (0 = off)
     c.distill.attention_p = 2  # exponent p of the attention maps sum_c |F_c|^p
     c.distill.t_max = 6.0  # temperature at the start of a link
@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 32  # global batch size (over all devices)
     c.train.eval_batch_size = 256
     c.train.optimizer = "adamw"  # "adamw" | "sgd" (Nesterov momentum)
-    c.train.learning_rate = 2e-3
+    c.train.learning_rate = 1e-3
     c.train.momentum = 0.9  # sgd only
     c.train.weight_decay = 0.05
     c.train.warmup_epochs = 1
