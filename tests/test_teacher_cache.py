@@ -2,6 +2,7 @@
 every step does, and it is used only where that is exact (no random augmentation)."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from tests.conftest import smoke_config
 from weckd_jax import chain, parallel, train
 from weckd_jax.data import pipeline
+from weckd_jax.data.synthetic import generate
 from weckd_jax.progress import Progress
 
 SPEC = train.ModelSpec(backbone="resnet10", num_classes=3, width=8, stem="small")
@@ -35,19 +37,19 @@ def _setup(step_cfg, num_teachers):
         train.init_state(SPEC, step_cfg, jax.random.key(10 + j), SHAPE, hp).variables
         for j in range(num_teachers)
     )
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (48, *SHAPE), dtype=np.uint8)
-    labels = rng.integers(0, 3, 48).astype(np.int32)
-    return mesh, state, parallel.replicate(teacher_vars, mesh), images, labels
+    data = generate("otoscopy", num_images=48, image_size=32, seed=0)
+    labels = np.random.default_rng(0).integers(0, 3, 48).astype(np.int32)
+    return mesh, state, parallel.replicate(teacher_vars, mesh), data, labels
 
 
 @pytest.mark.parametrize("num_teachers, attention", [(2, True), (1, False)])
 def test_cached_step_matches_teacher_in_the_step(num_teachers, attention):
     step_cfg = train.StepConfig(augment=False, use_attention=attention)
-    mesh, state, teacher_vars, images, labels = _setup(step_cfg, num_teachers)
+    mesh, state, teacher_vars, data, labels = _setup(step_cfg, num_teachers)
+    images = data.images
     teachers = (SPEC,) * num_teachers
     cache = chain.teacher_cache(
-        teachers, teacher_vars, step_cfg, _ImageSet(images), np.arange(48), batch_size=20, mesh=mesh
+        teachers, teacher_vars, step_cfg, data, np.arange(48), batch_size=20, mesh=mesh
     )
     assert cache["teacher_logits"][0].shape == (48, 3)
     expected_features = 4 if attention else 0
@@ -86,11 +88,6 @@ def test_cached_step_matches_teacher_in_the_step(num_teachers, attention):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@dataclasses.dataclass
-class _ImageSet:
-    images: np.ndarray
-
-
 def test_cached_step_refuses_random_augmentation():
     with pytest.raises(ValueError, match="exact only without random augmentation"):
         train.make_train_step(
@@ -99,8 +96,6 @@ def test_cached_step_refuses_random_augmentation():
 
 
 def test_pipeline_batches_extras_with_their_examples():
-    from weckd_jax.data.synthetic import generate
-
     data = generate("otoscopy", num_images=40, image_size=32, seed=0)
     index = np.arange(3, 35)
     extras = {"teacher_logits": (index.astype(np.float32)[:, None] * [1.0, -1.0],)}
@@ -156,3 +151,15 @@ def test_chain_with_cache_equals_chain_without(tmp_path, monkeypatch):
     for key in ("accuracy", "nll"):
         np.testing.assert_allclose(on[1]["test"][key], off[1]["test"][key], rtol=1e-3, atol=1e-3)
     assert on[1]["val"]["accuracy"] == pytest.approx(off[1]["val"]["accuracy"], abs=1e-6)
+    # Epoch by epoch, the distillation terms agree: each example met its own teacher outputs.
+    epochs = {mode: _link_epochs(tmp_path / mode, "link_2") for mode in ("on", "off")}
+    assert len(epochs["on"]) == len(epochs["off"]) == 2
+    for e_on, e_off in zip(epochs["on"], epochs["off"], strict=True):
+        for key in ("loss", "kd", "at"):
+            np.testing.assert_allclose(e_on[key], e_off[key], rtol=1e-4)
+        assert e_on["kd"] > 0 and e_on["at"] > 0
+
+
+def _link_epochs(workdir, name: str) -> list[dict]:
+    with open(workdir / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if r["run"] == name]
