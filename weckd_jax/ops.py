@@ -609,7 +609,6 @@ _YNN_FLAG_JAXLIB = ((0, 10, 2), (0, 11, 0))
 
 
 def _ynn_flag_known() -> bool:
-
     try:
         version = tuple(int(part) for part in jaxlib.__version__.split(".")[:3])
     except ValueError:  # a development build: do not guess

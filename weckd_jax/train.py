@@ -169,23 +169,27 @@ def make_train_step(
 
 
 def teacher_outputs(
-    models: tuple, teacher_vars: tuple, images: jax.Array, config: StepConfig
+    models: tuple,
+    teacher_vars: tuple,
+    images: jax.Array,
+    *,
+    use_attention: bool,
+    attention_p: int,
 ) -> dict[str, tuple]:
     """The frozen teachers on float ``images``, in eval mode, under ``stop_gradient``.
 
     Returns ``{"teacher_logits": ([B, K], ...), "teacher_features": (([B, H, W, 1], ...), ...)}``,
-    one entry per teacher; the features are `losses.attention_pool` of each stage (all attention
-    transfer needs) or empty tuples when attention transfer is off.
+    one entry per teacher; the features are `losses.attention_pool` (exponent ``attention_p``)
+    of each stage, all attention transfer needs, or empty tuples without ``use_attention``.
     """
     logits_out, features_out = [], []
     for model, variables in zip(models, teacher_vars, strict=True):
         logits, features = model.apply(variables, images, train=False)
         logits_out.append(jax.lax.stop_gradient(logits))
         pooled = ()
-        if config.use_attention:
+        if use_attention:
             pooled = tuple(
-                jax.lax.stop_gradient(losses.attention_pool(f, p=config.attention_p))
-                for f in features
+                jax.lax.stop_gradient(losses.attention_pool(f, p=attention_p)) for f in features
             )
         features_out.append(pooled)
     return {"teacher_logits": tuple(logits_out), "teacher_features": tuple(features_out)}
@@ -199,17 +203,17 @@ def make_teacher_step(
     What a ``cached_teacher`` train step reads from its batch: run it once per example before a
     link (no augmentation, so every epoch would compute the same values).
     """
-    key = ("teacher", teachers, config.use_attention, config.attention_p, mesh)
+    attention = {"use_attention": config.use_attention, "attention_p": config.attention_p}
 
     def build():
         models = tuple(t.build() for t in teachers)
 
         def teacher_step(teacher_vars, images):
-            return teacher_outputs(models, teacher_vars, augment_lib.to_float(images), config)
+            return teacher_outputs(models, teacher_vars, augment_lib.to_float(images), **attention)
 
         return jax.jit(teacher_step, out_shardings=parallel.replicated(mesh))
 
-    return _cached(key, build)
+    return _cached(("teacher", teachers, *attention.values(), mesh), build)
 
 
 def _build_train_step(student, teachers, config, mesh) -> Callable:
@@ -235,7 +239,13 @@ def _build_train_step(student, teachers, config, mesh) -> Callable:
         if config.cached_teacher:
             teacher = {k: batch[k] for k in ("teacher_logits", "teacher_features")}
         else:
-            teacher = teacher_outputs(teacher_models, teacher_vars, images, config)
+            teacher = teacher_outputs(
+                teacher_models,
+                teacher_vars,
+                images,
+                use_attention=config.use_attention,
+                attention_p=config.attention_p,
+            )
         attention = config.use_attention and bool(teachers)
         temp = temperature(state.step, state.hparams, config.temperature_schedule)
         label_mask = batch["label_mask"]
