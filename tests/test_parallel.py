@@ -62,15 +62,20 @@ STEPS_SCRIPT = textwrap.dedent(
 )
 
 
-def test_eight_devices_match_one_device_step_by_step(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-c", STEPS_SCRIPT],
+def _run_on_eight_devices(*args: str) -> subprocess.CompletedProcess:
+    """``python *args`` in a fresh process that sees 8 simulated CPU devices."""
+    return subprocess.run(
+        [sys.executable, *args],
         capture_output=True,
         text=True,
         cwd=REPO,
         env=_env(devices=8),
         timeout=900,
     )
+
+
+def test_eight_devices_match_one_device_step_by_step(tmp_path):
+    out = _run_on_eight_devices("-c", STEPS_SCRIPT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MATCH" in out.stdout
 
@@ -83,14 +88,7 @@ def _accuracies(results):
 def test_smoke_chain_on_eight_devices_matches_and_restores_on_one(smoke_run, tmp_path):
     _, _, single = smoke_run
     workdir = tmp_path / "eight"
-    out = subprocess.run(
-        [sys.executable, "-m", "weckd_jax.launch", "--config", SMOKE, f"--workdir={workdir}"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=_env(devices=8),
-        timeout=900,
-    )
+    out = _run_on_eight_devices("-m", "weckd_jax.launch", "--config", SMOKE, f"--workdir={workdir}")
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
     assert results["devices"] == 8
