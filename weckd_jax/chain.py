@@ -338,8 +338,8 @@ def _check_finite(name: str, epoch_steps: int, first_step: int, step_metrics: li
             epoch = (step - 1) // epoch_steps + 1
             raise DivergenceError(
                 f"{name}: the loss or the gradients became NaN/Inf at epoch {epoch}, step {step} "
-                f"(loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}). The update was "
-                "skipped and the last checkpoint is intact; lower train.learning_rate or "
+                f"(loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}). Nothing from that "
+                "step on was saved and the last checkpoint is intact; lower train.learning_rate or "
                 "raise distill.t_min or train.warmup_epochs, and start a new workdir."
             )
 
