@@ -1,6 +1,7 @@
 """Shared fixtures: one smoke-config chain run per test session, reused by the chain tests."""
 
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -19,6 +20,16 @@ sys.path.insert(0, REPO)
 from weckd_jax import ops  # noqa: E402
 
 ops.configure_cpu_flags()
+
+
+def run_on_eight_devices(*args: str) -> subprocess.CompletedProcess:
+    """``python *args`` in a fresh process, run in the repository, that sees 8 simulated CPU
+    devices."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=900
+    )
 
 
 def smoke_config():

@@ -1,7 +1,14 @@
 """The benchmark runs and reports every figure (speed targets are read, not asserted, here)."""
 
-from tests.conftest import smoke_config
+import os
+import subprocess
+import sys
+import textwrap
+
+from tests.conftest import REPO, run_on_eight_devices, smoke_config
 from weckd_jax import bench
+
+SMOKE = os.path.join(REPO, "configs", "smoke.py")
 
 
 def test_bench_reports_every_figure():
@@ -18,3 +25,69 @@ def test_bench_reports_every_figure():
         ratio
         == result["train_step"]["kd"]["step_ms"] / result["train_step"]["supervised"]["step_ms"]
     )
+
+
+FLOPS_SCRIPT = textwrap.dedent(
+    """
+    import jax, numpy as np
+    from jax.sharding import Mesh
+    from weckd_jax import bench, parallel, train
+
+    spec = train.ModelSpec("resnet10", num_classes=5, width=8, stem="small")
+    cfg = train.StepConfig()
+    hp = dict(learning_rate=1e-2, weight_decay=1e-4, warmup_steps=0, total_steps=3, alpha=0.5,
+              beta=1.0, t_max=4.0, t_min=2.0)
+    batch = {"image": np.zeros((16, 32, 32, 3), np.uint8), "label": np.zeros(16, np.int32),
+             "label_mask": np.ones(16, np.float32)}
+    flops = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = Mesh(np.asarray(devices), ("data",))
+        state = parallel.replicate(
+            train.init_state(spec, cfg, jax.random.key(0), (32, 32, 3), hp), mesh)
+        step = train.make_train_step(spec, (), cfg, mesh)
+        compiled = step.lower(
+            state, (), parallel.global_batch(batch, mesh), jax.random.key(1)).compile()
+        flops.append(bench.step_flops(compiled, mesh))
+    print("FLOPS", *flops)
+    """
+)
+
+
+def test_gflops_count_the_whole_global_batch_on_eight_devices():
+    out = run_on_eight_devices("-c", FLOPS_SCRIPT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    one, eight = (float(v) for v in out.stdout.split("FLOPS")[1].split())
+    # The same global batch: the same arithmetic, up to the cross-device reductions' few adds.
+    assert one > 0 and abs(eight / one - 1) < 0.1, (one, eight)
+
+
+def _bench_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "weckd_jax.bench", "--config", SMOKE, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+
+
+def test_json_path_problems_are_found_before_timing(tmp_path):
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    assert "is a folder" in bench.json_path_problem(str(tmp_path))
+    assert "not a writable folder" in bench.json_path_problem(str(a_file / "b.json"))
+    assert bench.json_path_problem(str(tmp_path / "new" / "b.json")) is None
+    assert bench.json_path_problem(str(a_file)) is None  # an existing file is replaced
+
+
+def test_bench_command_line_mistakes_end_without_a_traceback(tmp_path):
+    cases = {
+        ("--config.model.widht=8",): "unknown config key",
+        ("--config.train.batch_size=0",): "batch_size",
+        ("--repeats=0",): "repeats",
+        (f"--json={tmp_path}",): "is a folder",
+    }
+    for args, message in cases.items():
+        out = _bench_cli(*args)
+        assert out.returncode != 0 and message in out.stderr, (args, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr, (args, out.stderr[-2000:])

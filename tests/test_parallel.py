@@ -9,19 +9,10 @@ import textwrap
 
 import numpy as np
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_on_eight_devices
 from weckd_jax import chain, checkpoints, parallel
 
 SMOKE = os.path.join(REPO, "configs", "smoke.py")
-
-
-def _env(devices=None):
-    env = dict(os.environ)
-    if devices:
-        env["XLA_FLAGS"] = (
-            env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
-        )
-    return env
 
 
 STEPS_SCRIPT = textwrap.dedent(
@@ -62,20 +53,8 @@ STEPS_SCRIPT = textwrap.dedent(
 )
 
 
-def _run_on_eight_devices(*args: str) -> subprocess.CompletedProcess:
-    """``python *args`` in a fresh process that sees 8 simulated CPU devices."""
-    return subprocess.run(
-        [sys.executable, *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=_env(devices=8),
-        timeout=900,
-    )
-
-
 def test_eight_devices_match_one_device_step_by_step(tmp_path):
-    out = _run_on_eight_devices("-c", STEPS_SCRIPT)
+    out = run_on_eight_devices("-c", STEPS_SCRIPT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MATCH" in out.stdout
 
@@ -88,7 +67,7 @@ def _accuracies(results):
 def test_smoke_chain_on_eight_devices_matches_and_restores_on_one(smoke_run, tmp_path):
     _, _, single = smoke_run
     workdir = tmp_path / "eight"
-    out = _run_on_eight_devices("-m", "weckd_jax.launch", "--config", SMOKE, f"--workdir={workdir}")
+    out = run_on_eight_devices("-m", "weckd_jax.launch", "--config", SMOKE, f"--workdir={workdir}")
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
     assert results["devices"] == 8
@@ -123,7 +102,6 @@ def test_two_processes_on_localhost_match_one_process(smoke_run, tmp_path):
                 f"--process_id={i}",
             ],
             cwd=REPO,
-            env=_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

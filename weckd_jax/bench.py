@@ -19,6 +19,7 @@ Example, the ResNet-18 used to compare frameworks:
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 import statistics
 import sys
@@ -29,7 +30,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from weckd_jax import chain, files, ops, parallel, train
+from weckd_jax import chain, cli, files, ops, parallel, train
 from weckd_jax import config as config_lib
 from weckd_jax.data import pipeline
 from weckd_jax.data.synthetic import generate
@@ -38,8 +39,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", config_lib.__file__, "Config file with get_config().", lock_config=True
 )
 _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed windows per figure (the median is kept).")
-_STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed window.")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 5, "Timed windows per figure (the median is kept).", lower_bound=1
+)
+_STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed window.", lower_bound=1)
 
 
 def _median_rate(run_window, images_per_window: int, repeats: int) -> float:
@@ -63,6 +66,13 @@ def _train_rate(step, state, teacher_vars, batch, key, steps: int, repeats: int)
 
     window(3)  # the jit cache, allocations, caches
     return _median_rate(window, steps * batch["image"].shape[0], repeats)
+
+
+def step_flops(compiled, mesh: jax.sharding.Mesh) -> float | None:
+    """FLOPs of one global step of a compiled data-parallel program, or None when XLA gives no
+    estimate. XLA's cost analysis counts one device's share of the partitioned program."""
+    flops = (compiled.cost_analysis() or {}).get("flops")
+    return flops * mesh.devices.size if flops else None
 
 
 def bench_steps(config, *, repeats: int, steps: int) -> dict:
@@ -116,7 +126,7 @@ def bench_steps(config, *, repeats: int, steps: int) -> dict:
         start = time.perf_counter()
         compiled = step.lower(state, teacher_vars, step_batch, key).compile()
         out["compile_seconds"][name] = time.perf_counter() - start
-        flops = (compiled.cost_analysis() or {}).get("flops")
+        flops = step_flops(compiled, mesh)
         rate = _train_rate(compiled, state, teacher_vars, step_batch, key, steps, repeats)
         out["train_step"][name] = {"images_per_s": rate, "step_ms": 1000 * batch / rate}
         if flops:
@@ -207,13 +217,31 @@ def print_table(result: dict) -> None:
     )
 
 
+def json_path_problem(path: str) -> str | None:
+    """Why the results could not be written to ``path`` (checked before minutes of timing), or
+    None. Missing folders are fine: they are created."""
+    if os.path.isdir(path):
+        return f"--json {path} is a folder; name a file, e.g. --json {os.path.join(path, 'b.json')}"
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        return f"--json {path} cannot be written: {folder} is not a writable folder; choose another"
+    return None
+
+
 def main(argv: list[str]) -> None:
     ops.configure_cpu_flags()  # before JAX starts a backend
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
+    if _JSON.value and (problem := json_path_problem(_JSON.value)):
+        cli.fail(problem)
     config = _CONFIG.value
-    config_lib.validate(config)
+    try:
+        config_lib.validate(config)
+    except config_lib.ConfigError as e:
+        cli.fail(str(e))
     result = run(config, repeats=_REPEATS.value, steps=_STEPS.value)
     print_table(result)
     if _JSON.value:
@@ -221,4 +249,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    sys.exit(app.run(main, flags_parser=cli.parse_flags))
