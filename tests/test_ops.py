@@ -298,6 +298,119 @@ def test_conv_rejects_unknown_or_inapplicable_lowering():
         jax.eval_shape(ungrouped.init, jax.random.key(0), x)
 
 
+def _conv_kwargs_and_params(k, s, pad, cin, cout, groups):
+    kwargs = dict(
+        features=cout, kernel_size=(k, k), strides=s, padding=pad, feature_group_count=groups
+    )
+    rng = np.random.default_rng(0)
+    params = {
+        "kernel": rng.standard_normal((k, k, cin // groups, cout), np.float32),
+        "bias": rng.standard_normal((cout,), np.float32),
+    }
+    return kwargs, params
+
+
+# (kernel, stride, padding, (H, W), cin, cout, groups): kernel larger than the padded input.
+EMPTY_OUTPUT_CASES = [
+    (3, 2, "VALID", (2, 3), 1, 4, 1),  # output 0x1
+    (3, 1, "VALID", (1, 1), 2, 4, 1),  # output 0x0
+    (3, 2, "VALID", (2, 3), 4, 4, 4),  # depthwise
+    (3, 1, "VALID", (1, 1), 4, 8, 4),  # depthwise, channel multiplier 2
+]
+
+
+@pytest.mark.parametrize("k,s,pad,hw,cin,cout,groups", EMPTY_OUTPUT_CASES)
+def test_empty_output_like_flax(k, s, pad, hw, cin, cout, groups):
+    # nn.Conv returns a zero-size output (and zero gradients); the CPU lowerings' slices would
+    # have negative sizes, so such layers stay XLA.
+    kwargs, params = _conv_kwargs_and_params(k, s, pad, cin, cout, groups)
+    pads = ((0, 0), (0, 0))
+    plan = ops.conv_plan((2, *hw, cin), (k, k, cin // groups, cout), (s, s), pads, groups, "cpu")
+    assert plan == ops.XLA_PLAN
+    x = np.random.default_rng(1).standard_normal((2, *hw, cin), np.float32)
+    modules = {"flax": nn.Conv(**kwargs), "auto": ops.Conv(**kwargs, platform="cpu")}
+    results = _outputs_and_grads(modules, params, x)
+    y_ref, g_params_ref, g_x_ref = results["flax"]
+    y, g_params, g_x = results["auto"]
+    assert y_ref.size == 0
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(g_x, g_x_ref)
+    jax.tree.map(np.testing.assert_array_equal, g_params, g_params_ref)
+
+
+@pytest.mark.parametrize(
+    "k,pad,hw",
+    [
+        (3, "VALID", (8, 8)),  # reads rows / columns 0..6; space-to-depth has 8 with a zero tap
+        (5, ((2, 0), (2, 0)), (10, 10)),  # low padding; reads 0..8
+        (2, "VALID", (7, 7)),  # kernel a multiple of the stride: no zero taps; reads 0..5
+    ],
+)
+def test_space_to_depth_ignores_unread_inputs(k, pad, hw):
+    # Space-to-depth pads the kernel with zero taps; an input the strided convolution never reads
+    # must not meet them (0 * inf = NaN): the output stays finite, as nn.Conv's does.
+    kwargs, params = _conv_kwargs_and_params(k, 2, pad, 3, 4, 1)
+    y_shape = jax.eval_shape(
+        lambda x: nn.Conv(**kwargs).apply({"params": params}, x), jnp.ones((2, *hw, 3))
+    ).shape
+    x = np.random.default_rng(1).standard_normal((2, *hw, 3)).astype(np.float32)
+    lo = 0 if pad == "VALID" else pad[0][0]
+    read = (y_shape[1] - 1) * 2 + k - lo  # input rows (and columns) the convolution reads
+    assert read < min(hw)
+    x[:, read:, :, :] = np.inf
+    x[:, :, read:, :] = np.inf
+    plan = ops.conv_plan(x.shape, (k, k, 3, 4), (2, 2), ((lo, 0), (lo, 0)), 1, "cpu")
+    assert plan.forward == "s2d"
+    modules = {
+        "flax": nn.Conv(**kwargs),
+        "auto": ops.Conv(**kwargs, platform="cpu"),
+        "s2d": ops.Conv(**kwargs, lowering=ops.ConvPlan("s2d", "s2d", "s2d")),
+    }
+    results = _outputs_and_grads(modules, params, x)
+    y_ref, g_params_ref, _ = results.pop("flax")
+    assert np.isfinite(y_ref).all()
+    for name, (y, g_params, _) in results.items():
+        assert np.isfinite(y).all(), name
+        _assert_close(y, y_ref, f"{name}: output")
+        _assert_close(g_params["kernel"], g_params_ref["kernel"], f"{name}: d/dkernel")
+
+
+@pytest.mark.parametrize(
+    "cin,features,groups",
+    [(4, 6, 4), (4, 2, 4), (8, 6, 4)],  # depthwise x2, grouped
+)
+def test_features_not_a_multiple_of_groups(cin, features, groups):
+    module = ops.Conv(features, (3, 3), feature_group_count=groups, platform="cpu")
+    message = (
+        f"features {features} .*feature_group_count {groups}.*"
+        "features must be a multiple of feature_group_count"
+    )
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(module.init, jax.random.key(0), jnp.ones((1, 5, 5, cin)))
+
+
+def test_forward_mode_autodiff_needs_xla_lowering():
+    # Documented limitation: the CPU lowerings are custom VJPs, which JAX cannot differentiate in
+    # forward mode. The documented workaround, lowering="xla", is nn.Conv's jvp.
+    kwargs = dict(features=4, kernel_size=(7, 7), strides=2, padding=3)  # stem: s2d on CPU
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    t = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    variables = nn.Conv(**kwargs).init(jax.random.key(0), x)
+
+    def jvp(module):
+        return jax.jvp(lambda x: module.apply(variables, x), (x,), (t,))
+
+    (y, dy), (y_ref, dy_ref) = jvp(ops.Conv(**kwargs, lowering="xla")), jvp(nn.Conv(**kwargs))
+    _assert_close(y, y_ref, "output")
+    _assert_close(dy, dy_ref, "tangent")
+    with pytest.raises(TypeError, match="forward-mode"):
+        jvp(ops.Conv(**kwargs, platform="cpu"))
+    stem_pool = dict(window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(lambda x: ops.max_pool(x, **stem_pool, platform="cpu"), (x,), (t,))
+    jax.jvp(lambda x: nn.max_pool(x, **stem_pool), (x,), (t,))
+
+
 # ------------------------------------------------------------------------------------------
 # max_pool
 # ------------------------------------------------------------------------------------------

@@ -23,6 +23,13 @@ Usage::
     conv, max_pool = ops.cpu_ops()     # (ops.Conv, ops.max_pool) on CPU, Flax's own elsewhere
     model = create_model(..., conv=conv, max_pool=max_pool)
 
+Forward-mode differentiation (`jax.jvp`, `jax.jacfwd`, `jax.linearize`) is not supported through
+the CPU lowerings: JAX cannot differentiate a `custom_vjp` function in forward mode ("can't apply
+forward-mode autodiff (jvp) to a custom_vjp function"). Reverse mode, gradients of gradients and
+`jax.hessian` (forward over reverse) work. For forward mode use `Conv(..., lowering="xla")` and
+`flax.linen.max_pool`, or Flax's pair from `cpu_ops(platform="gpu")`; layers whose plan is all XLA
+(`conv_plan`) and off-CPU platforms support it anyway.
+
 `configure_cpu_flags` sets XLA:CPU options at program start (YNNPACK off for convolutions, which
 XLA's Eigen kernels run faster on CPU: about 1.5x on the default network's train step).
 """
@@ -138,21 +145,24 @@ def conv_plan(
       copies of the input): 3x3 convolutions on maps >= 4x4, the stem's gradients, and the
       gradients of 3x3 stride-2 convolutions whose output is >= 3x3 (im2col's col2im measured even
       or better per layer, but not in a whole ResNet-18 train step).
-    Other grouped convolutions stay XLA.
+    Other grouped convolutions stay XLA, and so do convolutions with an empty output (kernel
+    larger than the padded input), which have nothing to speed up and no slices to take.
     """
     if _platform(platform) != "cpu":
         return XLA_PLAN
     _, h, w, cin = input_shape
     kh, kw = kernel_shape[:2]
+    (lo_h, hi_h), (lo_w, hi_w) = padding
+    sh, sw = strides
+    ho, wo = (h + lo_h + hi_h - kh) // sh + 1, (w + lo_w + hi_w - kw) // sw + 1
+    if ho <= 0 or wo <= 0:
+        return XLA_PLAN
     if feature_group_count != 1:
         if feature_group_count != cin:
             return XLA_PLAN
         # Depthwise. XLA's kernel gradient wins on few channels, ours on many.
         few_channels = kernel_shape[-1] < _DEPTHWISE_XLA_KERNEL_GRAD_BELOW
         return ConvPlan("depthwise", "depthwise", "xla" if few_channels else "depthwise")
-    (lo_h, hi_h), (lo_w, hi_w) = padding
-    sh, sw = strides
-    ho, wo = (h + lo_h + hi_h - kh) // sh + 1, (w + lo_w + hi_w - kw) // sw + 1
     if (kh, kw) == (1, 1) or kh * kw > h * w:
         return MATMUL_PLAN
     strided = (sh, sw) != (1, 1)
@@ -214,7 +224,11 @@ def _s2d_conv(x, w, strides, pads: Pads, precision):
     """Space-to-depth: a stride-s convolution as a stride-1 XLA convolution on s*s*C channels.
 
     The padded input [N, s*A, s*B, C] becomes [N, A, B, s*s*C] and the kernel, zero-padded to a
-    multiple of s taps, [ceil(kh/s), ceil(kw/s), s*s*C, O] (the ResNet stem trick).
+    multiple of s taps, [ceil(kh/s), ceil(kw/s), s*s*C, O] (the ResNet stem trick). The input is
+    first cropped to the rows and columns the strided convolution reads and the tail refilled with
+    zeros: an inf or NaN that `nn.Conv` never reads would otherwise meet a zero tap and make NaN.
+    (Rows it reads meet zero taps too, but a non-finite value there makes `nn.Conv`'s output
+    non-finite as well.)
     """
     kh, kw, cin, cout = w.shape
     n, h, wd, _ = x.shape
@@ -222,12 +236,20 @@ def _s2d_conv(x, w, strides, pads: Pads, precision):
     ho, wo = (h + lo_h + hi_h - kh) // sh + 1, (wd + lo_w + hi_w - kw) // sw + 1
     qh, qw = -(-kh // sh), -(-kw // sw)
     hs, ws = ho + qh - 1, wo + qw - 1  # rows / columns of the space-to-depth input
-    # Pad (or crop the never-read tail) so the padded input is exactly [sh*hs, sw*ws].
+    # Input rows / columns read: padded rows [0, (ho - 1) * sh + kh) less the low padding.
+    read_h = min(h, max(0, (ho - 1) * sh + kh - lo_h))
+    read_w = min(wd, max(0, (wo - 1) * sw + kw - lo_w))
+    # Crop to them, then zero-pad to exactly [sh*hs, sw*ws].
     zero = jnp.zeros((), x.dtype)
     x = lax.pad(
-        x,
+        x[:, :read_h, :read_w],
         zero,
-        ((0, 0, 0), (lo_h, sh * hs - h - lo_h, 0), (lo_w, sw * ws - wd - lo_w, 0), (0, 0, 0)),
+        (
+            (0, 0, 0),
+            (lo_h, sh * hs - read_h - lo_h, 0),
+            (lo_w, sw * ws - read_w - lo_w, 0),
+            (0, 0, 0),
+        ),
     )
     x = x.reshape(n, hs, sh, ws, sw, cin).transpose(0, 1, 3, 2, 4, 5).reshape(n, hs, ws, -1)
     w = jnp.pad(w, ((0, qh * sh - kh), (0, qw * sw - kw), (0, 0), (0, 0)))
@@ -336,6 +358,9 @@ class Conv(nn.Module):
 
     Only 2-D, undilated, ungrouped or depthwise convolutions leave XLA; all others (1-D, 3-D,
     dilated, grouped) are exactly `nn.Conv`'s on every platform.
+
+    Forward-mode autodiff (`jax.jvp`, `jax.jacfwd`, `jax.linearize`) raises a TypeError on a
+    layer whose plan leaves XLA (a `custom_vjp`); use `lowering="xla"` (or `nn.Conv`) for it.
     """
 
     features: int
@@ -397,6 +422,11 @@ class Conv(nn.Module):
             raise ValueError(
                 f"input features {in_features} not divisible by "
                 f"feature_group_count {self.feature_group_count}"
+            )
+        if self.features % self.feature_group_count:
+            raise ValueError(
+                f"features {self.features} not divisible by feature_group_count "
+                f"{self.feature_group_count}: features must be a multiple of feature_group_count"
             )
         kernel_shape = (*kernel_size, in_features // self.feature_group_count, self.features)
         if self.mask is not None and self.mask.shape != kernel_shape:
@@ -527,6 +557,9 @@ def max_pool(
     `nn.max_pool`'s); on other platforms and for other configurations, `nn.max_pool`.
     `platform` overrides `jax.default_backend()`; `force_slices` takes the slice path wherever it
     applies (2-D window, 4-D floating input), for tests.
+
+    The slice path is a `custom_vjp`: forward-mode autodiff (`jax.jvp`, `jax.jacfwd`,
+    `jax.linearize`) raises a TypeError through it; use `nn.max_pool` for that.
     """
     window = tuple(window_shape)
     stride = tuple(strides) if strides is not None else (1,) * len(window)
