@@ -10,9 +10,10 @@ import jax
 import numpy as np
 
 from tests.conftest import REPO, smoke_config
-from weckd_jax import chain, checkpoints
+from weckd_jax import chain, checkpoints, parallel
 from weckd_jax.data import pipeline
-from weckd_jax.progress import Progress
+from weckd_jax.data.synthetic import generate
+from weckd_jax.progress import Progress, Timer
 
 METRIC_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "confusion_matrix", "ece"}
 
@@ -120,3 +121,33 @@ def test_launch_command_line_with_overrides(tmp_path):
     assert results["runtime"]["compiles"] == 3
     assert "gain of the last link over link 1" in out.stdout
     assert "test acc" in out.stdout
+
+
+def test_timer_counts_a_nested_phase_for_itself_alone(monkeypatch):
+    from weckd_jax import progress
+
+    clock = iter([0.0, 1.0, 3.0, 10.0])  # eval starts, compile starts, compile ends, eval ends
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    timer = Timer()
+    with timer("eval"), timer("compile"):
+        pass
+    assert timer.as_dict() == {"compile": 2.0, "eval": 8.0}
+
+
+def test_padded_map_times_the_compiling_call_as_compile():
+    data = generate("otoscopy", num_images=10, image_size=32, seed=0)
+    mesh = parallel.data_mesh()
+    fn = jax.jit(lambda variables, images: images.astype(np.float32).mean(axis=(1, 2, 3)))
+    timer = Timer()
+    with timer("eval"):
+        first = chain._padded_map(fn, None, data.images, np.arange(10), batch_size=4, mesh=mesh,
+                                  timer=timer)  # fmt: skip
+    compiled = timer.as_dict()["compile"]
+    assert compiled > 0 and fn._cache_size() == 1
+    again = chain._padded_map(fn, None, data.images, np.arange(10), batch_size=4, mesh=mesh,
+                              timer=timer)  # fmt: skip
+    assert timer.as_dict()["compile"] == compiled  # compiled once: later calls are not compile
+    np.testing.assert_allclose(
+        first, data.images.astype(np.float32).mean(axis=(1, 2, 3)), rtol=1e-6
+    )
+    np.testing.assert_array_equal(first, again)

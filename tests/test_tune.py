@@ -54,14 +54,14 @@ def search(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("search")
     config = search_config()
     evaluated, lines = [], []
-    real_evaluate = chain.evaluate
+    real_probabilities = chain.probabilities  # every evaluation, validation or test, calls it
 
-    def recording_evaluate(spec, variables, data, index, **kw):
+    def recording_probabilities(spec, variables, images, index, **kw):
         evaluated.append(np.asarray(index).copy())
-        return real_evaluate(spec, variables, data, index, **kw)
+        return real_probabilities(spec, variables, images, index, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(chain, "evaluate", recording_evaluate)
+        mp.setattr(chain, "probabilities", recording_probabilities)
         first = tune.run(config, str(workdir), 2, evaluate_best=False, say=lines.append)
         after_two = _trials(workdir, config)
         second = tune.run(config, str(workdir), 3, evaluate_best=False, say=lines.append)

@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from tests.conftest import REPO, smoke_config
-from weckd_jax import chain, checkpoints
+from weckd_jax import chain, checkpoints, parallel, train
 from weckd_jax.config import ConfigError, base_config, differences, validate
 from weckd_jax.progress import Progress
 
@@ -114,6 +116,76 @@ def test_divergence_names_link_epoch_and_step_and_keeps_last_checkpoint(tmp_path
     assert not os.path.exists(tmp_path / "results.json")
     # The diverged state was never written: no train checkpoint holds it.
     assert checkpoints.TrainCheckpoints(str(tmp_path), "link_1").latest_step() is None
+
+
+def test_a_step_whose_batchnorm_statistics_overflow_is_nonfinite():
+    # Huge stem weights: the running variance overflows to inf, while BatchNorm in train mode
+    # keeps the loss and the gradients finite. Nothing but the new state shows the divergence.
+    spec = train.ModelSpec("resnet10", num_classes=3, width=8, stem="small")
+    cfg = train.StepConfig(augment=False)
+    hp = dict(learning_rate=1e-3, weight_decay=0.0, warmup_steps=0, total_steps=10, alpha=0.5,
+              beta=0.0, t_max=4.0, t_min=1.0)  # fmt: skip
+    state = train.init_state(spec, cfg, jax.random.key(0), (32, 32, 3), hp)
+    params = jax.tree.map(lambda x: x, state.params)
+    params["conv1"]["kernel"] = params["conv1"]["kernel"] * 3e19
+    mesh = parallel.data_mesh()
+    state = parallel.replicate(state.replace(params=params), mesh)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+        "label": rng.integers(0, 3, 16).astype(np.int32),
+        "label_mask": np.ones(16, np.float32),
+    }
+    step = train.make_train_step(spec, (), cfg, mesh)
+    new, metrics = step(state, (), parallel.global_batch(batch, mesh), jax.random.key(1))
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert not all(np.isfinite(v).all() for v in jax.tree.leaves(new.batch_stats))
+    assert float(metrics["nonfinite"]) == 1.0
+
+
+def test_nonfinite_validation_predictions_stop_the_link_and_keep_the_last_checkpoint(
+    tmp_path, monkeypatch
+):
+    config = smoke_config()
+    config.train.checkpoint_every = 1
+    config.baselines.union_supervised = False
+    config.baselines.full_supervised = False
+    real = chain.probabilities
+
+    def probabilities(spec, variables, images, index, **kw):
+        probs = real(spec, variables, images, index, **kw)
+        return np.full_like(probs, np.nan)  # as eval-mode logits that overflowed
+
+    monkeypatch.setattr(chain, "probabilities", probabilities)
+    with pytest.raises(chain.DivergenceError, match=r"link_1: the validation predictions"):
+        chain.run(config, str(tmp_path), Progress(enabled=False))
+    assert not checkpoints.has_final(str(tmp_path), "link_1")
+    # The checkpoint written just before (step checkpoint_every) was finished, not abandoned.
+    train_dir = checkpoints.train_dir(str(tmp_path), "link_1")
+    assert checkpoints.TrainCheckpoints(str(tmp_path), "link_1").latest_step() is not None
+    assert not [name for name in os.listdir(train_dir) if "tmp" in name]
+
+
+def test_launch_reports_divergence_without_traceback(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "weckd_jax.launch",
+            "--config",
+            "configs/smoke.py",
+            "--config.train.learning_rate=1e30",
+            "--config.train.warmup_epochs=0",
+            f"--workdir={tmp_path / 'w'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "error: link_1: " in out.stderr and "NaN/Inf at epoch 1, step 2" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_tune_section_is_harmless_for_a_launch_workdir():

@@ -33,7 +33,7 @@ PyTree = Any
 
 
 class DivergenceError(RuntimeError):
-    """The loss or the gradients became NaN/Inf."""
+    """Training diverged: a step or the validation predictions became NaN/Inf."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +82,12 @@ def evaluate(
     *,
     batch_size: int,
     mesh: jax.sharding.Mesh,
+    timer: Timer | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Class probabilities ``[len(index), K]`` and `metrics.classification_metrics` on ``index``."""
-    probs = probabilities(spec, variables, data.images, index, batch_size=batch_size, mesh=mesh)
+    probs = probabilities(
+        spec, variables, data.images, index, batch_size=batch_size, mesh=mesh, timer=timer
+    )
     return probs, metrics.classification_metrics(probs, data.labels[index])
 
 
@@ -96,22 +99,31 @@ def probabilities(
     *,
     batch_size: int,
     mesh: jax.sharding.Mesh,
+    timer: Timer | None = None,
 ) -> np.ndarray:
     """Class probabilities ``[len(index), K]`` of the uint8 ``images[index]``."""
     if len(index) == 0:
         return np.zeros((0, spec.num_classes), np.float32)
     eval_step = train.make_eval_step(spec, mesh)
-    return _padded_map(eval_step, variables, images, index, batch_size=batch_size, mesh=mesh)
+    return _padded_map(
+        eval_step, variables, images, index, batch_size=batch_size, mesh=mesh, timer=timer
+    )
 
 
-def _padded_map(fn, variables, images, index, *, batch_size: int, mesh) -> PyTree:
+def _padded_map(fn, variables, images, index, *, batch_size: int, mesh, timer=None) -> PyTree:
     """``fn(variables, images[index])`` (a pytree of ``[len(index), ...]`` host arrays), run in
     fixed-size padded batches (one compiled program for any number of images), each process
-    feeding its rows of every batch; ``fn`` returns replicated arrays."""
+    feeding its rows of every batch; ``fn`` (jitted) returns replicated arrays. With a
+    ``timer``, the call that compiles ``fn`` is timed as "compile"."""
     outputs = []
     for batch, valid in pipeline.eval_batches(images, index, batch_size=batch_size):
         local = parallel.process_rows(batch)
-        out = fn(variables, parallel.global_batch({"image": local}, mesh)["image"])
+        images_in = parallel.global_batch({"image": local}, mesh)["image"]
+        if timer is not None and fn._cache_size() == 0:
+            with timer("compile"):
+                out = jax.block_until_ready(fn(variables, images_in))
+        else:
+            out = fn(variables, images_in)
         outputs.append(jax.tree.map(lambda a, v=valid: np.asarray(a)[:v], jax.device_get(out)))
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
 
@@ -132,12 +144,19 @@ def teacher_cache(
     *,
     batch_size: int,
     mesh: jax.sharding.Mesh,
+    timer: Timer | None = None,
 ) -> dict:
     """The teachers' outputs on ``data.images[index]`` (see `train.teacher_outputs`), as host
     arrays with one row per entry of ``index``: what a ``cached_teacher`` step reads."""
     teacher_step = train.make_teacher_step(specs, step_cfg, mesh)
     return _padded_map(
-        teacher_step, teacher_vars, data.images, index, batch_size=batch_size, mesh=mesh
+        teacher_step,
+        teacher_vars,
+        data.images,
+        index,
+        batch_size=batch_size,
+        mesh=mesh,
+        timer=timer,
     )
 
 
@@ -187,6 +206,7 @@ def train_job(
                 job.train_index,
                 batch_size=cfg_train.eval_batch_size,
                 mesh=mesh,
+                timer=timer,
             )
         step_cfg = dataclasses.replace(step_cfg, cached_teacher=True)
     with timer("compile"):
@@ -221,66 +241,72 @@ def train_job(
         "epoch_metrics": [],
     }
     best_variables = jax.tree.map(lambda x: x.copy(), state.variables)  # the step donates state
-    saver = checkpoints.TrainCheckpoints(workdir, job.name)
-    start = saver.latest_step()
-    if start is not None:
-        with timer("checkpoint"):
-            arrays, best_variables, loop = saver.restore(start, state, state.variables, batches)
-        state = state.replace(step=parallel.replicate(np.int32(start), mesh), **arrays)
-        metrics_log.drop_after(job.name, start)
-        progress.print(f"{job.name}: resuming from step {start} of {total_steps}")
+    with checkpoints.TrainCheckpoints(workdir, job.name) as saver:
+        start = saver.latest_step()
+        if start is not None:
+            with timer("checkpoint"):
+                arrays, best_variables, loop = saver.restore(start, state, state.variables, batches)
+            state = state.replace(step=parallel.replicate(np.int32(start), mesh), **arrays)
+            metrics_log.drop_after(job.name, start)
+            progress.print(f"{job.name}: resuming from step {start} of {total_steps}")
 
-    eval_kw = {"batch_size": cfg_train.eval_batch_size, "mesh": mesh}
-    progress.start(job.name, cfg_train.epochs)
-    pending, window_start = [], time.perf_counter()
-    for step in range(start or 0, total_steps):
-        with timer("data"):
-            batch = parallel.global_batch(next(batches), mesh)
-        if step_fn._cache_size() == 0:
-            with timer("compile"):
-                compile_start = time.perf_counter()
-                state, m = step_fn(state, step_teacher_vars, batch, step_key)
-                jax.block_until_ready(state)
-                window_start += time.perf_counter() - compile_start
-        else:
+        eval_kw = {"batch_size": cfg_train.eval_batch_size, "mesh": mesh, "timer": timer}
+        progress.start(job.name, cfg_train.epochs)
+        pending, window_start = [], time.perf_counter()
+        for step in range(start or 0, total_steps):
+            with timer("data"):
+                batch = parallel.global_batch(next(batches), mesh)
+            if step_fn._cache_size() == 0:
+                with timer("compile"):
+                    compile_start = time.perf_counter()
+                    state, m = step_fn(state, step_teacher_vars, batch, step_key)
+                    jax.block_until_ready(state)
+                    window_start += time.perf_counter() - compile_start
+            else:
+                with timer("train"):
+                    state, m = step_fn(state, step_teacher_vars, batch, step_key)
+            pending.append(m)
+            done = step + 1
+            epoch_end = done % epoch_steps == 0
+            if not (epoch_end or done % cfg_train.checkpoint_every == 0):
+                continue
             with timer("train"):
-                state, m = step_fn(state, step_teacher_vars, batch, step_key)
-        pending.append(m)
-        done = step + 1
-        epoch_end = done % epoch_steps == 0
-        if not (epoch_end or done % cfg_train.checkpoint_every == 0):
-            continue
-        with timer("train"):
-            fetched = jax.device_get(pending)
-        _check_finite(job.name, epoch_steps, done - len(fetched), fetched)
-        loop["epoch_metrics"] += [{k: float(v) for k, v in f.items()} for f in fetched]
-        throughput = len(pending) * batch_size / max(time.perf_counter() - window_start, 1e-9)
-        pending = []
-        if epoch_end:
-            epoch = done // epoch_steps
-            record = _epoch_record(job, epoch, done, loop["epoch_metrics"], throughput)
-            loop["epoch_metrics"] = []
-            if epoch % cfg_train.eval_every == 0 or epoch == cfg_train.epochs:
-                with timer("eval"):
-                    _, val = evaluate(job.spec, state.variables, data, splits.val, **eval_kw)
-                record["val_accuracy"], record["val_nll"] = val["accuracy"], val["nll"]
-                if _better(val, loop):
-                    loop.update(
-                        best_epoch=epoch,
-                        best_accuracy=val["accuracy"],
-                        best_nll=val["nll"],
-                        best_val=val,
-                    )
-                    best_variables = jax.tree.map(lambda x: x.copy(), state.variables)
+                fetched = jax.device_get(pending)
+            _check_finite(job.name, epoch_steps, done - len(fetched), fetched)
+            loop["epoch_metrics"] += [{k: float(v) for k, v in f.items()} for f in fetched]
+            throughput = len(pending) * batch_size / max(time.perf_counter() - window_start, 1e-9)
+            pending = []
+            if epoch_end:
+                epoch = done // epoch_steps
+                record = _epoch_record(job, epoch, done, loop["epoch_metrics"], throughput)
+                loop["epoch_metrics"] = []
+                if epoch % cfg_train.eval_every == 0 or epoch == cfg_train.epochs:
+                    with timer("eval"):
+                        probs = probabilities(
+                            job.spec, state.variables, data.images, splits.val, **eval_kw
+                        )
+                    _check_predictions(job.name, epoch, probs)
+                    val = metrics.classification_metrics(probs, data.labels[splits.val])
+                    record["val_accuracy"], record["val_nll"] = val["accuracy"], val["nll"]
+                    if _better(val, loop):
+                        loop.update(
+                            best_epoch=epoch,
+                            best_accuracy=val["accuracy"],
+                            best_nll=val["nll"],
+                            best_val=val,
+                        )
+                        best_variables = jax.tree.map(lambda x: x.copy(), state.variables)
+            with timer("checkpoint"):
+                saver.save(done, state, best_variables, loop, batches)
+            if epoch_end:
+                metrics_log.write(record)
+                progress.update(record, epoch)
+                if on_epoch is not None:
+                    on_epoch(job.name, epoch, record)
+            window_start = time.perf_counter()
+        progress.finish()
         with timer("checkpoint"):
-            saver.save(done, state, best_variables, loop, batches)
-        if epoch_end:
-            metrics_log.write(record)
-            progress.update(record, epoch)
-            if on_epoch is not None:
-                on_epoch(job.name, epoch, record)
-        window_start = time.perf_counter()
-    progress.finish()
+            saver.wait()
 
     meta = {
         "name": job.name,
@@ -290,8 +316,6 @@ def train_job(
         "teacher_fingerprints": [checkpoints.fingerprint(v) for v in teacher_vars],
     }
     with timer("checkpoint"):
-        saver.wait()
-        saver.close()
         checkpoints.save_final(workdir, job.name, best_variables, meta)
 
 
@@ -331,17 +355,30 @@ def _epoch_record(job: Job, epoch: int, step: int, step_metrics: list[dict], thr
 
 
 def _check_finite(name: str, epoch_steps: int, first_step: int, step_metrics: list) -> None:
-    """Stops the job at the first step whose loss or gradient was NaN/Inf."""
+    """Stops the job at the first step whose loss, gradients or new state held a NaN/Inf."""
     for i, m in enumerate(step_metrics):
         if m["nonfinite"] > 0:
             step = first_step + i + 1
             epoch = (step - 1) // epoch_steps + 1
             raise DivergenceError(
-                f"{name}: the loss or the gradients became NaN/Inf at epoch {epoch}, step {step} "
-                f"(loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}). Nothing from that "
+                f"{name}: the loss, the gradients, the weights or the BatchNorm statistics became "
+                f"NaN/Inf at epoch {epoch}, step {step} (loss={float(m['loss'])}, "
+                f"grad_norm={float(m['grad_norm'])}). Nothing from that "
                 "step on was saved and the last checkpoint is intact; lower train.learning_rate or "
                 "raise distill.t_min or train.warmup_epochs, and start a new workdir."
             )
+
+
+def _check_predictions(name: str, epoch: int, probs: np.ndarray) -> None:
+    """Stops the job when its validation predictions are NaN/Inf while its training steps were
+    finite (eval-mode logits overflow on weights grown too large)."""
+    if not np.isfinite(probs).all():
+        raise DivergenceError(
+            f"{name}: the validation predictions became NaN/Inf after epoch {epoch}, although "
+            "every training step was finite: the weights grew too large. That epoch was not "
+            "saved and the last checkpoint is intact; lower train.learning_rate or raise "
+            "train.weight_decay, and start a new workdir."
+        )
 
 
 def restore_finished(
@@ -482,7 +519,7 @@ def run(
     report.print_data_summary(progress, data, splits)
     mesh = parallel.data_mesh()
     jobs = plan_jobs(config, splits, data.num_classes)
-    eval_kw = {"batch_size": config.train.eval_batch_size, "mesh": mesh}
+    eval_kw = {"batch_size": config.train.eval_batch_size, "mesh": mesh, "timer": timer}
 
     records, test_probs = {}, {}
     metrics_log = MetricsLog(workdir, enabled=writer)

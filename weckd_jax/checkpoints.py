@@ -180,6 +180,15 @@ class TrainCheckpoints:
     def close(self) -> None:
         self._manager.close()
 
+    def __enter__(self) -> TrainCheckpoints:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        # Also when training stops on an error: the write in flight finishes, so the newest
+        # checkpoint on disk is whole, not an abandoned temporary folder.
+        self.wait()
+        self.close()
+
 
 def _resumable(state: PyTree, best: dict[str, PyTree]) -> tuple[dict[str, PyTree], dict]:
     """What a resumed link needs besides its meta: the state's arrays and the best weights."""

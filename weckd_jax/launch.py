@@ -35,7 +35,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
 
-USER_ERRORS = (config_lib.ConfigError, DataError, SplitError)
+USER_ERRORS = (config_lib.ConfigError, DataError, SplitError, chain.DivergenceError)
 
 
 def default_workdir(config_path: str) -> str:

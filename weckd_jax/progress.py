@@ -9,18 +9,24 @@ import time
 
 
 class Timer:
-    """Accumulates wall seconds per phase: ``with timer("train"): ...``."""
+    """Accumulates wall seconds per phase: ``with timer("train"): ...``. A phase entered inside
+    another counts for itself alone: its seconds are taken out of the enclosing phase's."""
 
     def __init__(self):
         self.seconds: dict[str, float] = collections.defaultdict(float)
+        self._nested: list[float] = []  # per open phase, seconds spent in phases inside it
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
         start = time.perf_counter()
+        self._nested.append(0.0)
         try:
             yield
         finally:
-            self.seconds[phase] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds[phase] += elapsed - self._nested.pop()
+            if self._nested:
+                self._nested[-1] += elapsed
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in sorted(self.seconds.items())}

@@ -157,8 +157,9 @@ def make_train_step(
     is empty and ``batch`` also carries their outputs, computed once by `make_teacher_step`
     (exact only without random augmentation, which the step then refuses). ``metrics`` are
     batch means: ``loss``, ``ce``, ``kd``, ``at``, ``accuracy`` (labelled examples),
-    ``learning_rate``, ``temperature``, ``grad_norm`` and ``nonfinite`` (1 when the loss or the
-    gradient was NaN/Inf; the state is then not usable and the caller stops, as `chain` does).
+    ``learning_rate``, ``temperature``, ``grad_norm`` and ``nonfinite`` (1 when the loss, the
+    gradients or the new weights or BatchNorm statistics hold a NaN/Inf; the state is then not
+    usable and the caller stops, as `chain` does).
 
     Cached: one compile per distinct (student, teachers, config, mesh).
     """
@@ -286,8 +287,15 @@ def _build_train_step(student, teachers, config, mesh) -> Callable:
         grad_norm = optax.tree.norm(grads)
         # No select back to the old state on a non-finite step: the loop stops at the first
         # `nonfinite` step before saving anything, and the per-leaf selects cost XLA:CPU about
-        # 10 % of the supervised step (they keep the optimizer from updating in place).
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # 10 % of the supervised step (they keep the optimizer from updating in place). The new
+        # weights and BatchNorm statistics are checked too: either can overflow (a running
+        # variance of huge activations) while the loss and the gradients stay finite.
+        finite = (
+            jnp.isfinite(loss)
+            & jnp.isfinite(grad_norm)
+            & _all_finite(params)
+            & _all_finite(batch_stats)
+        )
         new_state = state.replace(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
         )
@@ -308,6 +316,14 @@ def _build_train_step(student, teachers, config, mesh) -> Callable:
 
     replicated = parallel.replicated(mesh)
     return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+
+
+def _all_finite(tree) -> jax.Array:
+    """True when no leaf of ``tree`` holds a NaN or an Inf (a scalar bool)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.bool_(True)
+    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in leaves]))
 
 
 def make_eval_step(spec: ModelSpec, mesh: jax.sharding.Mesh) -> Callable:
