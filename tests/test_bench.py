@@ -76,6 +76,7 @@ def test_json_path_problems_are_found_before_timing(tmp_path):
     a_file.write_text("")
     assert "is a folder" in bench.json_path_problem(str(tmp_path))
     assert "not a writable folder" in bench.json_path_problem(str(a_file / "b.json"))
+    assert "is a folder" in bench.json_path_problem(str(tmp_path / "new") + "/")
     assert bench.json_path_problem(str(tmp_path / "new" / "b.json")) is None
     assert bench.json_path_problem(str(a_file)) is None  # an existing file is replaced
 

@@ -375,6 +375,22 @@ def test_space_to_depth_ignores_unread_inputs(k, pad, hw):
         _assert_close(g_params["kernel"], g_params_ref["kernel"], f"{name}: d/dkernel")
 
 
+@pytest.mark.parametrize("kernel,stride,cin", [((2, 2), 3, 1), ((1, 3), 2, 3)])
+def test_kernel_smaller_than_its_stride_stays_finite_like_flax(kernel, stride, cin):
+    # Rows / columns between the windows are never read; space-to-depth would multiply them by
+    # zero taps, so such convolutions keep XLA's forward pass.
+    kwargs = dict(features=4, kernel_size=kernel, strides=stride, padding="VALID")
+    x = np.random.default_rng(1).standard_normal((2, 8, 8, cin)).astype(np.float32)
+    x[:, kernel[0], :, :] = np.inf  # the first row after the first window: never read
+    plan = ops.conv_plan(x.shape, (*kernel, cin, 4), (stride, stride), ((0, 0), (0, 0)), 1, "cpu")
+    assert plan.forward == "xla"
+    variables = nn.Conv(**kwargs).init(jax.random.key(0), x)
+    y_ref = nn.Conv(**kwargs).apply(variables, x)
+    y = ops.Conv(**kwargs, platform="cpu").apply(variables, x)
+    assert np.isfinite(y_ref).all()
+    np.testing.assert_array_equal(y, y_ref)
+
+
 @pytest.mark.parametrize(
     "cin,features,groups",
     [(4, 6, 4), (4, 2, 4), (8, 6, 4)],  # depthwise x2, grouped

@@ -4,6 +4,7 @@ naming the key and the fix; divergence stops a link with link, epoch and step na
 import os
 import subprocess
 import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -143,11 +144,8 @@ def test_a_step_whose_batchnorm_statistics_overflow_is_nonfinite():
     assert float(metrics["nonfinite"]) == 1.0
 
 
-def test_nonfinite_validation_predictions_stop_the_link_and_keep_the_last_checkpoint(
-    tmp_path, monkeypatch
-):
+def test_nonfinite_validation_predictions_stop_the_link(tmp_path, monkeypatch):
     config = smoke_config()
-    config.train.checkpoint_every = 1
     config.baselines.union_supervised = False
     config.baselines.full_supervised = False
     real = chain.probabilities
@@ -160,10 +158,61 @@ def test_nonfinite_validation_predictions_stop_the_link_and_keep_the_last_checkp
     with pytest.raises(chain.DivergenceError, match=r"link_1: the validation predictions"):
         chain.run(config, str(tmp_path), Progress(enabled=False))
     assert not checkpoints.has_final(str(tmp_path), "link_1")
-    # The checkpoint written just before (step checkpoint_every) was finished, not abandoned.
-    train_dir = checkpoints.train_dir(str(tmp_path), "link_1")
-    assert checkpoints.TrainCheckpoints(str(tmp_path), "link_1").latest_step() is not None
+
+
+STOP_WHILE_WRITING = textwrap.dedent(
+    """
+    import sys
+    from tests.conftest import smoke_config
+    from weckd_jax import chain
+    from weckd_jax.progress import Progress
+
+    config = smoke_config()
+    config.train.checkpoint_every = 1
+    config.baselines.union_supervised = False
+    config.baselines.full_supervised = False
+    real, calls = chain._check_finite, []
+
+    def check(*args):
+        real(*args)
+        calls.append(args)
+        if len(calls) == 2:  # one step after the first checkpoint's write began
+            raise chain.DivergenceError("stopped while a checkpoint was being written")
+
+    chain._check_finite = check
+    chain.run(config, sys.argv[1], Progress(enabled=False))  # the error ends the process
+    """
+)
+
+
+def test_a_link_stopped_by_an_error_finishes_the_checkpoint_being_written(tmp_path):
+    # In a fresh process, so that the error ends it: a write still in flight then would be
+    # abandoned at exit, leaving a temporary folder instead of checkpoint 1.
+    workdir = tmp_path / "w"
+    out = subprocess.run(
+        [sys.executable, "-c", STOP_WHILE_WRITING, str(workdir)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert out.returncode != 0 and "stopped while a checkpoint was being written" in out.stderr
+    assert checkpoints.TrainCheckpoints(str(workdir), "link_1").latest_step() == 1
+    train_dir = checkpoints.train_dir(str(workdir), "link_1")
     assert not [name for name in os.listdir(train_dir) if "tmp" in name]
+
+
+def test_an_error_while_training_is_not_masked_by_a_failed_checkpoint_write(monkeypatch, tmp_path):
+    saver = checkpoints.TrainCheckpoints(str(tmp_path), "link_1")
+
+    def failed_write():
+        raise OSError("disk full")
+
+    monkeypatch.setattr(saver, "wait", failed_write)
+    with pytest.raises(chain.DivergenceError, match="the error to report"), saver:
+        raise chain.DivergenceError("the error to report")
+    with pytest.raises(OSError, match="disk full"), saver:  # and reported when alone
+        pass
 
 
 def test_launch_reports_divergence_without_traceback(tmp_path):

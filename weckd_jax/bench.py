@@ -220,7 +220,7 @@ def print_table(result: dict) -> None:
 def json_path_problem(path: str) -> str | None:
     """Why the results could not be written to ``path`` (checked before minutes of timing), or
     None. Missing folders are fine: they are created."""
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
         return f"--json {path} is a folder; name a file, e.g. --json {os.path.join(path, 'b.json')}"
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):

@@ -183,11 +183,17 @@ class TrainCheckpoints:
     def __enter__(self) -> TrainCheckpoints:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         # Also when training stops on an error: the write in flight finishes, so the newest
         # checkpoint on disk is whole, not an abandoned temporary folder.
-        self.wait()
-        self.close()
+        try:
+            self.wait()
+        except Exception:
+            if exc_type is None:
+                raise
+            # Training already failed: its error is the one to report, not this write's.
+        finally:
+            self.close()
 
 
 def _resumable(state: PyTree, best: dict[str, PyTree]) -> tuple[dict[str, PyTree], dict]:

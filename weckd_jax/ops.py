@@ -135,8 +135,9 @@ def conv_plan(
       the output gradient, when kh*kw > Ho*Wo (3x3 stride 2 onto 2x2: 26-330 / 1.5-9 ms). Such
       layers are matmuls in every pass (the kernel gradient is even either way).
     * 1x1 kernels: matmuls in every pass (kernel gradient 2x faster, the rest even or a little).
-    * Strided convolutions on few channels (cin*sh*sw <= 16: RGB / grayscale stems): the forward
-      pass goes through space-to-depth (7x7/2 stem forward about 2x faster); gradients stay XLA.
+    * Strided convolutions on few channels (cin*sh*sw <= 16: RGB / grayscale stems) whose kernel
+      is at least as large as the stride: the forward pass goes through space-to-depth (7x7/2 stem
+      forward about 2x faster); gradients stay XLA.
     * Depthwise (groups == input channels): shifted multiply-adds for the forward pass (XLA's is
       8-45x slower, 3x3 to 7x7 kernels) and the input gradient (XLA's 11-120x slower); the kernel
       gradient too from 64 channels up (XLA's 1.1-6x slower), XLA's below (it is 2-3x faster at
@@ -166,7 +167,10 @@ def conv_plan(
     if (kh, kw) == (1, 1) or kh * kw > h * w:
         return MATMUL_PLAN
     strided = (sh, sw) != (1, 1)
-    forward = "s2d" if strided and cin * sh * sw <= _S2D_MAX_CHANNELS else "xla"
+    # A kernel smaller than its stride skips input rows/columns, which space-to-depth would
+    # still multiply (by zero taps): an inf there would make NaN where nn.Conv stays finite.
+    covers = kh >= sh and kw >= sw
+    forward = "s2d" if strided and covers and cin * sh * sw <= _S2D_MAX_CHANNELS else "xla"
     input_grad = "matmul" if kh * kw > ho * wo else "xla"
     return ConvPlan(forward, input_grad, "xla")
 
@@ -228,7 +232,8 @@ def _s2d_conv(x, w, strides, pads: Pads, precision):
     first cropped to the rows and columns the strided convolution reads and the tail refilled with
     zeros: an inf or NaN that `nn.Conv` never reads would otherwise meet a zero tap and make NaN.
     (Rows it reads meet zero taps too, but a non-finite value there makes `nn.Conv`'s output
-    non-finite as well.)
+    non-finite as well. With a kernel smaller than the stride, rows between the windows are never
+    read yet lie inside the crop, so `conv_plan` keeps such convolutions on XLA.)
     """
     kh, kw, cin, cout = w.shape
     n, h, wd, _ = x.shape
