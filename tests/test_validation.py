@@ -75,6 +75,25 @@ def test_differences_ignore_harmless_keys():
     assert differences(a, b) == ["seed: 0 -> 4"]
 
 
+def _launch_smoke(workdir, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m weckd_jax.launch`` on the smoke config with ``overrides``, in ``workdir``."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "weckd_jax.launch",
+            "--config",
+            "configs/smoke.py",
+            *overrides,
+            f"--workdir={workdir}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -84,21 +103,7 @@ def test_differences_ignore_harmless_keys():
     ],
 )
 def test_launch_reports_user_errors_without_traceback(tmp_path, override, message):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "weckd_jax.launch",
-            "--config",
-            "configs/smoke.py",
-            override,
-            f"--workdir={tmp_path / 'w'}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    out = _launch_smoke(tmp_path / "w", override)
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr
@@ -216,20 +221,10 @@ def test_an_error_while_training_is_not_masked_by_a_failed_checkpoint_write(monk
 
 
 def test_launch_reports_divergence_without_traceback(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "weckd_jax.launch",
-            "--config",
-            "configs/smoke.py",
-            "--config.train.learning_rate=1e30",
-            "--config.train.warmup_epochs=0",
-            f"--workdir={tmp_path / 'w'}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    out = _launch_smoke(
+        tmp_path / "w",
+        "--config.train.learning_rate=1e30",
+        "--config.train.warmup_epochs=0",
         timeout=600,
     )
     assert out.returncode == 2, out.stderr[-3000:]
