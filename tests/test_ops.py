@@ -328,14 +328,21 @@ def test_empty_output_like_flax(k, s, pad, hw, cin, cout, groups):
     plan = ops.conv_plan((2, *hw, cin), (k, k, cin // groups, cout), (s, s), pads, groups, "cpu")
     assert plan == ops.XLA_PLAN
     x = np.random.default_rng(1).standard_normal((2, *hw, cin), np.float32)
-    modules = {"flax": nn.Conv(**kwargs), "auto": ops.Conv(**kwargs, platform="cpu")}
+    # A plan forced by hand falls back to XLA too (its slices would fail the same way).
+    forced = ops.DEPTHWISE_PLAN if groups > 1 else ops.MATMUL_PLAN
+    modules = {
+        "flax": nn.Conv(**kwargs),
+        "auto": ops.Conv(**kwargs, platform="cpu"),
+        "forced": ops.Conv(**kwargs, platform="cpu", lowering=forced),
+    }
     results = _outputs_and_grads(modules, params, x)
     y_ref, g_params_ref, g_x_ref = results["flax"]
-    y, g_params, g_x = results["auto"]
     assert y_ref.size == 0
-    np.testing.assert_array_equal(y, y_ref)
-    np.testing.assert_array_equal(g_x, g_x_ref)
-    jax.tree.map(np.testing.assert_array_equal, g_params, g_params_ref)
+    for name in ("auto", "forced"):
+        y, g_params, g_x = results[name]
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(g_x, g_x_ref)
+        jax.tree.map(np.testing.assert_array_equal, g_params, g_params_ref)
 
 
 @pytest.mark.parametrize(
@@ -469,6 +476,23 @@ def test_max_pool_matches_flax_without_ties(window, strides, padding, hw):
     assert y_ref.size > 0
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_allclose(grad, grad_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "window,strides,padding,hw",
+    [((3, 3), (2, 2), "VALID", (2, 5)), ((3, 3), (1, 1), ((0, 0), (1, 1)), (1, 1))],
+)
+def test_max_pool_empty_output_like_flax(window, strides, padding, hw):
+    # A window larger than the padded input: flax returns a zero-size output; the slice path
+    # (forced here) would take negative-size slices, so it falls back to flax's pool.
+    x = np.random.default_rng(0).standard_normal((2, *hw, 3), np.float32)
+    kw = dict(window_shape=window, strides=strides, padding=padding)
+    y_shape = jax.eval_shape(lambda x: nn.max_pool(x, **kw), x).shape
+    g = np.zeros(y_shape, np.float32)
+    (y, grad), (y_ref, grad_ref) = _pool_and_grads(x, g, **kw)
+    assert y_ref.size == 0
+    assert y.shape == y_ref.shape
+    np.testing.assert_array_equal(grad, grad_ref)
 
 
 def _first_max_grad_reference(x, g, window, strides, pads):

@@ -153,9 +153,8 @@ def conv_plan(
         return XLA_PLAN
     _, h, w, cin = input_shape
     kh, kw = kernel_shape[:2]
-    (lo_h, hi_h), (lo_w, hi_w) = padding
     sh, sw = strides
-    ho, wo = (h + lo_h + hi_h - kh) // sh + 1, (w + lo_w + hi_w - kw) // sw + 1
+    ho, wo = _output_hw(input_shape, kernel_shape[:2], strides, padding)
     if ho <= 0 or wo <= 0:
         return XLA_PLAN
     if feature_group_count != 1:
@@ -173,6 +172,16 @@ def conv_plan(
     forward = "s2d" if strided and covers and cin * sh * sw <= _S2D_MAX_CHANNELS else "xla"
     input_grad = "matmul" if kh * kw > ho * wo else "xla"
     return ConvPlan(forward, input_grad, "xla")
+
+
+def _output_hw(input_shape, window, strides, padding) -> tuple[int, int]:
+    """Output height and width of a 2-D window op on an NHWC input; <= 0 when it is empty."""
+    (lo_h, hi_h), (lo_w, hi_w) = padding
+    h, w = input_shape[1:3]
+    return (
+        (h + lo_h + hi_h - window[0]) // strides[0] + 1,
+        (w + lo_w + hi_w - window[1]) // strides[1] + 1,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,7 +367,8 @@ class Conv(nn.Module):
 
     lowering: "auto" (default: `conv_plan` for the platform and static shapes), "xla" (always
         `lax.conv_general_dilated`: the same jaxpr as `nn.Conv`), or a `ConvPlan` to force, e.g.
-        `MATMUL_PLAN` (ungrouped) or `DEPTHWISE_PLAN` (groups == input channels).
+        `MATMUL_PLAN` (ungrouped) or `DEPTHWISE_PLAN` (groups == input channels); a layer with
+        an empty output (kernel larger than the padded input) stays XLA even then.
     platform: the platform `conv_plan` decides for; default `jax.default_backend()` at trace time.
 
     Only 2-D, undilated, ungrouped or depthwise convolutions leave XLA; all others (1-D, 3-D,
@@ -498,6 +508,8 @@ class Conv(nn.Module):
         if not self.lowering.lowerings <= allowed:
             kind = "depthwise" if depthwise else "ungrouped"
             raise ValueError(f"{self.lowering} does not apply to a {kind} convolution")
+        if min(_output_hw(input_shape, kernel_shape[:2], strides, pads)) <= 0:
+            return XLA_PLAN  # an empty output has no slices to take, nor anything to speed up
         return self.lowering
 
 
@@ -561,7 +573,7 @@ def max_pool(
     max over 9 strided slices with a custom VJP (gradient to each window's first maximum, as
     `nn.max_pool`'s); on other platforms and for other configurations, `nn.max_pool`.
     `platform` overrides `jax.default_backend()`; `force_slices` takes the slice path wherever it
-    applies (2-D window, 4-D floating input), for tests.
+    applies (2-D window, 4-D floating input, non-empty output), for tests.
 
     The slice path is a `custom_vjp`: forward-mode autodiff (`jax.jvp`, `jax.jacfwd`,
     `jax.linearize`) raises a TypeError through it; use `nn.max_pool` for that.
@@ -578,7 +590,8 @@ def max_pool(
             pads = padding
         pads = tuple((int(lo), int(hi)) for lo, hi in pads)
         stem_pool = window == (3, 3) and stride == (2, 2) and pads == ((1, 1), (1, 1))
-        if force_slices or (stem_pool and _platform(platform) == "cpu"):
+        empty = min(_output_hw(inputs.shape, window, stride, pads)) <= 0
+        if not empty and (force_slices or (stem_pool and _platform(platform) == "cpu")):
             return _slice_max_pool(inputs, window, stride, pads)
     return nn.max_pool(inputs, window, strides, padding)
 
