@@ -206,11 +206,11 @@ def _xla_conv(x, w, strides, pads: Pads, precision):
 def _im2col_slices(x, kernel_hw, strides, pads: Pads, pad_value=0.0):
     """The kh*kw strided slices [N, Ho, Wo, C] of the padded input, one per tap, row-major."""
     (kh, kw), (sh, sw) = kernel_hw, strides
+    ho, wo = _output_hw(x.shape, kernel_hw, strides, pads)
     if any(p != 0 for pair in pads for p in pair):
         fill = jnp.array(pad_value, x.dtype)
         x = lax.pad(x, fill, ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-    n, h, w, c = x.shape
-    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    n, _, _, c = x.shape
     return [
         lax.slice(
             x, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
@@ -246,8 +246,8 @@ def _s2d_conv(x, w, strides, pads: Pads, precision):
     """
     kh, kw, cin, cout = w.shape
     n, h, wd, _ = x.shape
-    (sh, sw), ((lo_h, hi_h), (lo_w, hi_w)) = strides, pads
-    ho, wo = (h + lo_h + hi_h - kh) // sh + 1, (wd + lo_w + hi_w - kw) // sw + 1
+    (sh, sw), ((lo_h, _), (lo_w, _)) = strides, pads
+    ho, wo = _output_hw(x.shape, (kh, kw), strides, pads)
     qh, qw = -(-kh // sh), -(-kw // sw)
     hs, ws = ho + qh - 1, wo + qw - 1  # rows / columns of the space-to-depth input
     # Input rows / columns read: padded rows [0, (ho - 1) * sh + kh) less the low padding.
