@@ -22,13 +22,18 @@ from weckd_jax import ops  # noqa: E402
 ops.configure_cpu_flags()
 
 
-def run_on_eight_devices(*args: str) -> subprocess.CompletedProcess:
-    """``python *args`` in a fresh process, run in the repository, that sees 8 simulated CPU
-    devices."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+def run_python(
+    *args: str, timeout: int = 600, devices: int | None = None
+) -> subprocess.CompletedProcess:
+    """``python *args`` in a fresh process run in the repository, its output captured as text;
+    with ``devices``, the process sees that many simulated CPU devices."""
+    env = None
+    if devices is not None:
+        env = dict(os.environ)
+        flag = f" --xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + flag
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=900
+        [sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout
     )
 
 

@@ -2,10 +2,9 @@
 
 import os
 import subprocess
-import sys
 import textwrap
 
-from tests.conftest import REPO, run_on_eight_devices, smoke_config
+from tests.conftest import REPO, run_python, smoke_config
 from weckd_jax import bench
 
 SMOKE = os.path.join(REPO, "configs", "smoke.py")
@@ -54,7 +53,7 @@ FLOPS_SCRIPT = textwrap.dedent(
 
 
 def test_gflops_count_the_whole_global_batch_on_eight_devices():
-    out = run_on_eight_devices("-c", FLOPS_SCRIPT)
+    out = run_python("-c", FLOPS_SCRIPT, timeout=900, devices=8)
     assert out.returncode == 0, out.stderr[-3000:]
     one, eight = (float(v) for v in out.stdout.split("FLOPS")[1].split())
     # The same global batch: the same arithmetic, up to the cross-device reductions' few adds.
@@ -62,13 +61,7 @@ def test_gflops_count_the_whole_global_batch_on_eight_devices():
 
 
 def _bench_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "weckd_jax.bench", "--config", SMOKE, *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    return run_python("-m", "weckd_jax.bench", "--config", SMOKE, *args, timeout=300)
 
 
 def test_json_path_problems_are_found_before_timing(tmp_path):

@@ -3,13 +3,11 @@ determinism."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 
-from tests.conftest import REPO, smoke_config
+from tests.conftest import REPO, run_python, smoke_config
 from weckd_jax import chain, checkpoints, parallel
 from weckd_jax.data import pipeline
 from weckd_jax.data.synthetic import generate
@@ -101,16 +99,15 @@ def test_same_seed_gives_identical_results(smoke_run, tmp_path):
 
 def test_launch_command_line_with_overrides(tmp_path):
     workdir = tmp_path / "run"
-    cmd = [
-        sys.executable,
+    out = run_python(
         "-m",
         "weckd_jax.launch",
         "--config",
         os.path.join(REPO, "configs", "smoke.py"),
         "--config.train.epochs=1",
         f"--workdir={workdir}",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
     assert len(results["links"]) == 2

@@ -9,7 +9,7 @@ import textwrap
 
 import numpy as np
 
-from tests.conftest import REPO, run_on_eight_devices
+from tests.conftest import REPO, run_python
 from weckd_jax import chain, checkpoints, parallel
 
 SMOKE = os.path.join(REPO, "configs", "smoke.py")
@@ -54,7 +54,7 @@ STEPS_SCRIPT = textwrap.dedent(
 
 
 def test_eight_devices_match_one_device_step_by_step(tmp_path):
-    out = run_on_eight_devices("-c", STEPS_SCRIPT)
+    out = run_python("-c", STEPS_SCRIPT, timeout=900, devices=8)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MATCH" in out.stdout
 
@@ -67,7 +67,9 @@ def _accuracies(results):
 def test_smoke_chain_on_eight_devices_matches_and_restores_on_one(smoke_run, tmp_path):
     _, _, single = smoke_run
     workdir = tmp_path / "eight"
-    out = run_on_eight_devices("-m", "weckd_jax.launch", "--config", SMOKE, f"--workdir={workdir}")
+    out = run_python(
+        "-m", "weckd_jax.launch", "--config", SMOKE, f"--workdir={workdir}", timeout=900, devices=8
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
     assert results["devices"] == 8

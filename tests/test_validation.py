@@ -3,14 +3,13 @@ naming the key and the fix; divergence stops a link with link, epoch and step na
 
 import os
 import subprocess
-import sys
 import textwrap
 
 import jax
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, smoke_config
+from tests.conftest import run_python, smoke_config
 from weckd_jax import chain, checkpoints, parallel, train
 from weckd_jax.config import ConfigError, base_config, differences, validate
 from weckd_jax.progress import Progress
@@ -77,19 +76,13 @@ def test_differences_ignore_harmless_keys():
 
 def _launch_smoke(workdir, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m weckd_jax.launch`` on the smoke config with ``overrides``, in ``workdir``."""
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "weckd_jax.launch",
-            "--config",
-            "configs/smoke.py",
-            *overrides,
-            f"--workdir={workdir}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    return run_python(
+        "-m",
+        "weckd_jax.launch",
+        "--config",
+        "configs/smoke.py",
+        *overrides,
+        f"--workdir={workdir}",
         timeout=timeout,
     )
 
@@ -194,13 +187,7 @@ def test_a_link_stopped_by_an_error_finishes_the_checkpoint_being_written(tmp_pa
     # In a fresh process, so that the error ends it: a write still in flight then would be
     # abandoned at exit, leaving a temporary folder instead of checkpoint 1.
     workdir = tmp_path / "w"
-    out = subprocess.run(
-        [sys.executable, "-c", STOP_WHILE_WRITING, str(workdir)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
+    out = run_python("-c", STOP_WHILE_WRITING, str(workdir), timeout=600)
     assert out.returncode != 0 and "stopped while a checkpoint was being written" in out.stderr
     assert checkpoints.TrainCheckpoints(str(workdir), "link_1").latest_step() == 1
     train_dir = checkpoints.train_dir(str(workdir), "link_1")
