@@ -1,6 +1,8 @@
 """Shared fixtures: one smoke-config chain run per test session, reused by the chain tests."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -9,8 +11,12 @@ import pytest
 
 # One persistent compilation cache for the session, inherited by the subprocesses the tests start:
 # every run of the same programs after the first loads them instead of compiling (results are
-# unchanged; compiling dominates the suite's time on CPU).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="weckd-jax-cache-"))
+# unchanged; compiling dominates the suite's time on CPU). Removed when the session ends, unless
+# the caller chose its own with JAX_COMPILATION_CACHE_DIR.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE_DIR = tempfile.mkdtemp(prefix="weckd-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+    atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
