@@ -263,6 +263,27 @@ def test_large_logits_stay_finite(temp):
     assert float(kd[1]) == 0.0
 
 
+def test_kd_kl_classes_the_teacher_rules_out_add_nothing():
+    # A teacher logit of -inf (a class ruled out): 0 log 0 = 0, not the NaN of -inf - -inf.
+    t = np.array([[1.0, 2.0, -np.inf], [0.5, -np.inf, -1.0]], np.float32)
+    s = np.array([[0.3, -1.0, 2.0], [1.0, 0.0, 0.5]], np.float32)
+    temp = 2.0
+    np.testing.assert_array_equal(kd_kl(t, t, temperature=temp), 0.0)
+    pt = np.exp(_np_log_softmax(t / temp))
+    terms = np.where(pt > 0, pt * (np.log(np.maximum(pt, 1e-300)) - _np_log_softmax(s / temp)), 0)
+    np.testing.assert_allclose(kd_kl(s, t, temperature=temp), temp**2 * terms.sum(-1), rtol=1e-5)
+    grad = jax.grad(lambda x: kd_kl(x, t, temperature=temp).sum())(s)
+    ps = np.exp(_np_log_softmax(s / temp))
+    np.testing.assert_allclose(grad, temp * (ps - pt), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("temp, rtol", [(30.0, 1e-3), (100.0, 5e-3)])
+def test_kd_kl_float32_precision_at_high_temperatures(temp, rtol):
+    # The documented bound: the T^2 factor multiplies the log-softmaxes' rounding.
+    s, t = _logits(1), _logits(2)
+    np.testing.assert_allclose(kd_kl(s, t, temperature=temp), _np_kd(s, t, temp), rtol=rtol)
+
+
 def test_kd_kl_multi_is_weighted_sum():
     s, t1, t2, t3 = (_logits(i) for i in range(4))
     w = np.array([1.0, 2.0, 5.0])
@@ -508,6 +529,22 @@ def test_attention_map_is_safe_for_zero_tiny_and_huge_maps(scale):
         np.testing.assert_allclose(a, _np_attention(_feat(1, FEAT_S)), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("p", [2, 3])
+@pytest.mark.parametrize("scale", [1e-30, 1e30])  # |F|^p alone under/overflows float32.
+def test_attention_is_scale_invariant_at_any_feature_scale(p, scale):
+    fs, ft = _feat(1, FEAT_S), _feat(2, FEAT_T)
+    scaled = (scale * fs.astype(np.float64)).astype(np.float32)
+    np.testing.assert_allclose(
+        attention_transfer(scaled, ft, p=p), attention_transfer(fs, ft, p=p), rtol=1e-5
+    )
+    grad = jax.grad(lambda f: attention_transfer(f, ft, p=p).sum())
+    np.testing.assert_allclose(
+        np.asarray(grad(scaled), np.float64) * scale, grad(fs), rtol=1e-4, atol=1e-7
+    )
+    pooled = np.asarray(attention_pool(scaled, p=p), np.float64) / scale
+    np.testing.assert_allclose(pooled, attention_pool(fs, p=p), rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "s_shape, t_shape, pool_s, pool_t",
     [
@@ -585,6 +622,20 @@ def test_attention_pool_is_a_lossless_stand_in_for_teacher_features(p, s_shape, 
     )
 
 
+def test_labels_and_masks_may_be_python_lists():
+    s = _logits(0)
+    y, m = _labels(0), [True, False, True, True, False]
+    np.testing.assert_array_equal(cross_entropy(s, y.tolist()), cross_entropy(s, y))
+    np.testing.assert_array_equal(
+        cross_entropy(s, y.tolist(), where=m), cross_entropy(s, y, where=np.array(m))
+    )
+    loss, _ = weckd_loss(s, y.tolist(), label_mask=m, teacher_logits=_logits(1), temperature=2.0)
+    np.testing.assert_array_equal(
+        loss,
+        weckd_loss(s, y, label_mask=np.array(m), teacher_logits=_logits(1), temperature=2.0)[0],
+    )
+
+
 def test_attention_pool_hand_values_and_errors():
     f = np.zeros((1, 1, 2, 2), np.float32)
     f[0, 0, 0] = [3.0, -4.0]  # mean |F|^2 = 12.5, mean |F| = 3.5
@@ -616,6 +667,17 @@ def test_schedule_endpoints_and_monotonicity(kind, t_max, t_min, total):
     if kind != "constant" and t_max > t_min:
         assert np.all(np.diff(values[2 : 3 + total]) < 0)  # Strictly annealing in between.
     assert np.all(values >= t_min - 1e-6) and np.all(values <= t_max + 1e-6)
+
+
+def test_schedules_end_exactly_at_t_max_and_t_min():
+    rng = _rng(7)
+    for _ in range(50):
+        t_min = float(rng.uniform(0.1, 2.0))
+        t_max, total = t_min + float(rng.uniform(0.0, 10.0)), int(rng.integers(1, 5000))
+        for kind in ("linear", "cosine"):
+            sched = temperature_schedule(kind, t_max=t_max, t_min=t_min, total_steps=total)
+            assert float(sched(0)) == float(np.float32(t_max))
+            assert float(sched(total)) == float(np.float32(t_min))
 
 
 def test_schedule_midpoints():
@@ -837,6 +899,15 @@ ERRORS = [
     ("at rank", lambda: attention_transfer(F2, np.zeros((2, 16))), "NHWC"),
     ("at where", lambda: attention_transfer(F2, F2, where=np.ones(3, bool)), "where"),
     ("mean where", lambda: masked_mean(np.zeros(2), np.ones(3, bool)), "where"),
+    ("mean float where", lambda: masked_mean(np.zeros(3), np.array([0.5, 0, 1])), "boolean"),
+    ("mean int where", lambda: masked_mean(np.zeros(2), [1, 0]), "dtype int"),
+    ("ce float where", lambda: cross_entropy(S2, Y2, where=np.ones(2, np.float32)), "boolean"),
+    ("kd temp None", lambda: kd_kl(S2, T2, temperature=None), "number"),
+    ("kd temp str", lambda: kd_kl(S2, T2, temperature="2"), "number"),
+    ("kd temp bool", lambda: kd_kl(S2, T2, temperature=True), "number"),
+    ("ce smoothing None", lambda: cross_entropy(S2, Y2, label_smoothing=None), "label_smoothing"),
+    ("map empty", lambda: attention_map(np.zeros((2, 0, 0, 3))), "empty spatial"),
+    ("at empty", lambda: attention_transfer(F2, np.zeros((2, 4, 4, 0))), "empty spatial"),
     ("w alpha", _w(teacher_logits=T2, alpha=1.5), "alpha"),
     ("w alpha neg", _w(alpha=-0.1), "alpha"),
     ("w beta", _w(beta=-1.0), "beta"),
@@ -844,6 +915,8 @@ ERRORS = [
     ("w smoothing", _w(label_smoothing=-0.1), "label_smoothing"),
     ("w labels", lambda: weckd_loss(S2, np.zeros(3, np.int32), label_mask=M2), "labels"),
     ("w mask", lambda: weckd_loss(S2, Y2, label_mask=np.ones(3, bool)), "label_mask"),
+    ("w float mask", lambda: weckd_loss(S2, Y2, label_mask=np.ones(2)), "label_mask=mask > 0"),
+    ("w alpha None", _w(alpha=None), "alpha must be a number"),
     ("w where", _w(where=np.ones((2, 1), bool)), "where"),
     ("w teacher shape", _w(teacher_logits=S2.T), "same shape"),
     ("w teacher weights", _w(teacher_logits=[T2, T2], teacher_weights=[1.0]), "one weight per"),
@@ -898,7 +971,7 @@ def test_errors_are_raised_at_trace_time_under_jit():
 def test_import_does_not_pull_heavy_dependencies():
     code = (
         "import sys, weckd_jax.losses\n"
-        "bad = [m for m in ('flax', 'optax', 'orbax', 'grain', 'tensorflow_datasets', "
+        "bad = [m for m in ('flax', 'optax', 'chex', 'orbax', 'grain', 'tensorflow_datasets', "
         "'tensorflow') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

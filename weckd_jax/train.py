@@ -249,7 +249,7 @@ def _build_train_step(student, teachers, config, mesh) -> Callable:
             )
         attention = config.use_attention and bool(teachers)
         temp = temperature(state.step, state.hparams, config.temperature_schedule)
-        label_mask = batch["label_mask"]
+        labelled = batch["label_mask"] > 0
 
         def loss_fn(params):
             (logits, features), updates = student_model.apply(
@@ -261,7 +261,7 @@ def _build_train_step(student, teachers, config, mesh) -> Callable:
             per_example, parts = losses.weckd_loss(
                 logits,
                 batch["label"],
-                label_mask=label_mask,
+                label_mask=labelled,
                 teacher_logits=list(teacher["teacher_logits"]) or None,
                 teacher_weights=state.hparams.get("teacher_weights"),
                 student_features=features if attention else (),
@@ -299,7 +299,6 @@ def _build_train_step(student, teachers, config, mesh) -> Callable:
         new_state = state.replace(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
         )
-        labelled = label_mask > 0
         correct = (logits.argmax(-1) == batch["label"]) & labelled
         metrics = {
             "loss": loss,
