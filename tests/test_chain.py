@@ -1,16 +1,21 @@
 """The chain end to end on the smoke config: files, schema, teachers from disk, no test leakage,
 determinism."""
 
+import dataclasses
+import glob
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from tests.conftest import REPO, run_python, smoke_config
 from weckd_jax import chain, checkpoints, parallel
 from weckd_jax.data import pipeline
 from weckd_jax.data.synthetic import generate
+from weckd_jax.data.types import DataError
 from weckd_jax.progress import Progress, Timer
 
 METRIC_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "confusion_matrix", "ece"}
@@ -22,7 +27,7 @@ def _without_timings(results):
 
 def test_results_schema_and_files(smoke_run):
     config, workdir, results = smoke_run
-    for name in ("config.json", "metrics.jsonl", "results.json"):
+    for name in ("config.json", "data.json", "metrics.jsonl", "results.json"):
         assert os.path.isfile(os.path.join(workdir, name)), name
     with open(os.path.join(workdir, "results.json")) as f:
         on_disk = json.load(f)
@@ -148,3 +153,63 @@ def test_padded_map_times_the_compiling_call_as_compile():
         first, data.images.astype(np.float32).mean(axis=(1, 2, 3)), rtol=1e-6
     )
     np.testing.assert_array_equal(first, again)
+
+
+def test_data_fingerprint_sees_pixels_labels_groups_and_classes():
+    from weckd_jax.data.types import fingerprint
+
+    data = generate("otoscopy", num_images=40, image_size=16, seed=0, images_per_group=2)
+    same = generate("otoscopy", num_images=40, image_size=16, seed=0, images_per_group=2)
+    assert fingerprint(data) == fingerprint(same)
+    images = data.images.copy()
+    images[3, 2, 1, 0] ^= 1
+    labels = data.labels.copy()
+    labels[0] = (labels[0] + 1) % data.num_classes
+    groups = data.groups.copy()
+    groups[0] = groups.max() + 1
+    names = ("x",) + data.class_names[1:]
+    changed = [
+        dataclasses.replace(data, images=images),
+        dataclasses.replace(data, labels=labels),
+        dataclasses.replace(data, groups=groups),
+        dataclasses.replace(data, class_names=names),
+        data.take(np.arange(39)),
+    ]
+    prints = {fingerprint(d) for d in changed}
+    assert len(prints) == len(changed) and fingerprint(data) not in prints
+
+
+def test_resuming_on_other_data_is_refused(smoke_run, tmp_path, monkeypatch):
+    # The state after a crash in link 2: config.json and data.json are bound to the old data.
+    config, workdir, _ = smoke_run
+    for name in ("config.json", "data.json"):
+        shutil.copy(os.path.join(workdir, name), tmp_path / name)
+    from weckd_jax import data as data_lib
+
+    original = data_lib.load(config.data, seed=config.seed)
+    labels = original.labels.copy()
+    labels[0] = (labels[0] + 1) % original.num_classes  # one image relabelled
+    monkeypatch.setattr(
+        chain.data_lib, "load", lambda *a, **k: dataclasses.replace(original, labels=labels)
+    )
+    with pytest.raises(DataError, match="holds a run on other data"):
+        chain.run(config, str(tmp_path), Progress(enabled=False))
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "data.json"]  # nothing trained
+    chain.bind_workdir(config, str(tmp_path), original, writer=True)  # the same data is accepted
+
+
+def test_a_run_stopped_by_bad_data_leaves_the_workdir_unbound(tmp_path, monkeypatch):
+    def bad_data(*args, **kwargs):
+        raise DataError("no images")
+
+    monkeypatch.setattr(chain.data_lib, "load", bad_data)
+    config = smoke_config()
+    for run in (chain.run, chain.run_seeds):
+        workdir = tmp_path / run.__name__
+        if run is chain.run_seeds:
+            with config.unlocked():
+                config.seeds = "0,1"
+        with pytest.raises(DataError, match="no images"):
+            run(config, str(workdir), Progress(enabled=False))
+        # No config.json: the corrected command may use the same --workdir.
+        assert not glob.glob(str(workdir / "**" / "*.json"), recursive=True)

@@ -23,9 +23,10 @@ from weckd_jax import config as config_lib
 from weckd_jax import data as data_lib
 from weckd_jax import seeds as seeds_lib
 from weckd_jax.data import pipeline
+from weckd_jax.data import types as data_types
 from weckd_jax.data.folder import check_enough
 from weckd_jax.data.splits import Splits, make_splits
-from weckd_jax.data.types import ImageSet
+from weckd_jax.data.types import DataError, ImageSet
 from weckd_jax.metrics_log import MetricsLog
 from weckd_jax.progress import Progress, Timer
 
@@ -464,13 +465,24 @@ def plan_jobs(config, splits: Splits, num_classes: int) -> list[Job]:
     return jobs
 
 
-def bind_workdir(config, workdir: str, writer: bool) -> None:
-    """Writes ``config.json`` into a new workdir; in an existing one, refuses a changed config."""
+def data_record(data: ImageSet) -> dict:
+    """What ``data.json`` holds: the data's fingerprint (`data.types.fingerprint`), size and
+    classes."""
+    return {
+        "fingerprint": data_types.fingerprint(data),
+        "images": len(data),
+        "class_names": list(data.class_names),
+    }
+
+
+def check_workdir(config, workdir: str, data: dict | None = None) -> None:
+    """Refuses a workdir that holds a run with another config (``config.json``) or, given the
+    `data_record` of the data loaded now, on other data (``data.json``): resuming it would mix two
+    experiments."""
     path = os.path.join(workdir, "config.json")
-    current = json.loads(config.to_json_best_effort())
     if os.path.exists(path):
         with open(path) as f:
-            changed = config_lib.differences(json.load(f), current)
+            changed = config_lib.differences(json.load(f), json.loads(config.to_json_best_effort()))
         if changed:
             raise config_lib.ConfigError(
                 f"{workdir} holds a run with another config; resuming it would mix two "
@@ -478,9 +490,36 @@ def bind_workdir(config, workdir: str, writer: bool) -> None:
                 "Use a new --workdir for the new config, or rerun with the saved one "
                 f"({path})."
             )
-    elif writer:
-        os.makedirs(workdir, exist_ok=True)
-        files.write_json(path, current)
+    path = os.path.join(workdir, "data.json")
+    if data is not None and os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["fingerprint"] != data["fingerprint"]:
+            raise DataError(
+                f"{workdir} holds a run on other data: it started on {saved['images']} images "
+                f"of classes {', '.join(saved['class_names'])}, and the data loaded now "
+                f"({data['images']} images of classes {', '.join(data['class_names'])}) "
+                "differs in images, labels or groups. Resuming would mix two experiments (a "
+                "finished link could even have trained on what is now test data). Use a new "
+                "--workdir for the new data, or restore the data the run started on."
+            )
+
+
+def bind_workdir(config, workdir: str, data: ImageSet, writer: bool) -> None:
+    """`check_workdir`, then writes ``config.json`` and ``data.json`` where they are missing.
+    Called once the data has passed its checks, so a run that stops on a config or data error
+    leaves the workdir free for the corrected command."""
+    record = data_record(data)
+    check_workdir(config, workdir, record)
+    if not writer:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    for name, value in (
+        ("config.json", json.loads(config.to_json_best_effort())),
+        ("data.json", record),
+    ):
+        if not os.path.exists(os.path.join(workdir, name)):
+            files.write_json(os.path.join(workdir, name), value)
 
 
 def run(
@@ -504,7 +543,7 @@ def run(
     start = time.perf_counter()
     timer = Timer()
     writer = jax.process_index() == 0
-    bind_workdir(config, workdir, writer)
+    check_workdir(config, workdir)  # before loading any data
 
     with timer("data"):
         data = data_lib.load(config.data, seed=config.seed)
@@ -516,6 +555,7 @@ def run(
             test_fraction=config.data.test_fraction,
             fraction=config.chain.fraction,
         )
+        bind_workdir(config, workdir, data, writer)
     report.print_data_summary(progress, data, splits)
     mesh = parallel.data_mesh()
     jobs = plan_jobs(config, splits, data.num_classes)
@@ -616,7 +656,7 @@ def run_seeds(config, workdir: str, progress: Progress) -> dict:
     """One chain per seed of ``config.seeds`` in ``workdir/seed_<s>/``, then ``summary.json``,
     ``summary.md`` and the summary figures in ``workdir``: mean ± std over seeds, and the gains
     of the last link paired across seeds."""
-    bind_workdir(config, workdir, jax.process_index() == 0)
+    check_workdir(config, workdir)
     results = {}
     for seed in config_lib.seed_list(config):
         progress.print(f"== seed {seed}")
@@ -625,6 +665,11 @@ def run_seeds(config, workdir: str, progress: Progress) -> dict:
             seed_config.seed = seed
             seed_config.seeds = ""
         results[seed] = run(seed_config, os.path.join(workdir, f"seed_{seed}"), progress)
+        path = os.path.join(workdir, "config.json")
+        if jax.process_index() == 0 and not os.path.exists(path):
+            # Written once a seed has run, so a config or data error leaves no binding behind;
+            # each seed_<s>/ holds its own config.json and data.json meanwhile.
+            files.write_json(path, json.loads(config.to_json_best_effort()))
     summary = seeds_lib.summarize(results)
     if jax.process_index() == 0:
         files.write_json(os.path.join(workdir, "summary.json"), summary)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 
@@ -65,3 +66,17 @@ class ImageSet:
             split=pick(self.split),
             paths=pick(self.paths),
         )
+
+
+def fingerprint(data: ImageSet) -> str:
+    """SHA-256 of everything a run reads from ``data``: class names, labels, groups, fixed splits
+    and the decoded pixels. Equal iff a run on either would see the same examples."""
+    digest = hashlib.sha256(repr((data.class_names, data.images.shape)).encode())
+    for value in (data.labels, data.groups, data.split, data.images):
+        if value is None:
+            digest.update(b"none")
+        elif value.dtype.kind in "OUS":  # strings: their text, not object pointers
+            digest.update("\0".join(map(str, value)).encode())
+        else:
+            digest.update(np.ascontiguousarray(value).data)
+    return digest.hexdigest()
