@@ -15,7 +15,11 @@ Every class of the new data must be a class the models were trained on (matched 
 data may hold fewer classes, in any order); otherwise the command stops with exit status 2.
 Writes ``DIR/evaluations/<NAME>-<split>.json`` (``NAME``: the config file's name without ``.py``)
 with one `weckd_jax.metrics.classification_metrics` dict per model under ``metrics``, and prints
-a table next to each model's test accuracy in the run.
+a table next to each model's test accuracy in the run. An existing file written with another
+config is never replaced (exit status 2: pass another ``--name``). The config's ``model`` and
+``chain`` keys are replaced by the run's: the models come from its checkpoints. When the data is
+the run's own (see `chain.data_record`), the output counts the evaluated images the run trained
+on or selected epochs on, and a note warns that such metrics are optimistic.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 
 from weckd_jax import chain, checkpoints, files, ops, parallel, predict
@@ -88,16 +93,51 @@ def _label_map(trained: list[str], new: tuple[str, ...], source: str) -> np.ndar
     return np.array([trained.index(n) for n in new], np.int64)
 
 
-def _same_data(workdir: str, config) -> bool:
-    """Whether ``config`` names the data (and seed) the run in ``workdir`` was trained on."""
+def _read_json(path: str) -> dict | None:
     try:
-        with open(os.path.join(workdir, "config.json")) as f:
-            saved = json.load(f)
+        with open(path) as f:
+            return json.load(f)
     except (OSError, ValueError):
-        return False
-    current = json.loads(config.to_json_best_effort())
-    keys = ("data", "seed")
-    return all(saved.get(k) == current.get(k) for k in keys)
+        return None
+
+
+def _overlap(workdir: str, run_config: dict | None, data, index: np.ndarray) -> dict:
+    """What the run in ``workdir`` did with ``data.images[index]``: ``same_data_as_run`` (the
+    data is the run's own), ``in_run_train_pool`` and ``in_run_val`` (how many of the images the
+    run trained on, or chose its epochs on); counts are ``None`` when unknown (a run without
+    ``data.json``).
+
+    The data is the run's own exactly when its fingerprint equals the one in the run's
+    ``data.json``; the run's splits are then recomputed from its saved config, so another split,
+    seed or fraction in the evaluation config cannot hide an overlap. (Other data that shares
+    some images with the run's is not detected.)
+    """
+    saved = _read_json(os.path.join(workdir, "data.json"))
+    if saved is None or run_config is None:
+        return {"same_data_as_run": None, "in_run_train_pool": None, "in_run_val": None}
+    if saved["fingerprint"] != chain.data_record(data)["fingerprint"]:
+        return {"same_data_as_run": False, "in_run_train_pool": 0, "in_run_val": 0}
+    splits = chain.make_run_splits(ml_collections.ConfigDict(run_config), data)
+    return {
+        "same_data_as_run": True,
+        "in_run_train_pool": int(np.isin(index, splits.train).sum()),
+        "in_run_val": int(np.isin(index, splits.val).sum()),
+    }
+
+
+def _refuse_overwrite(path: str, config_json: dict) -> None:
+    """Refuses to replace an evaluation made with another config (e.g. another hospital's data
+    under the same config file name)."""
+    existing = _read_json(path)
+    if existing is None:
+        return
+    changed = config_lib.differences(existing.get("config", {}), config_json)
+    if changed:
+        raise EvaluateError(
+            f"{path} holds an evaluation with another config (saved -> now: "
+            f"{'; '.join(changed)}). Pass --name NAME to keep both, or delete the file to "
+            "replace it."
+        )
 
 
 def evaluate_workdir(
@@ -130,8 +170,14 @@ def evaluate_workdir(
     trained_names = list(trained["class_names"])
     size, channels = int(trained["image_size"]), int(trained["channels"])
 
+    run_config = _read_json(os.path.join(workdir, "config.json"))
     config = config.copy_and_resolve_references()
     with config.unlocked():
+        if run_config is not None:
+            # The models come from the checkpoints: check the data against the trained
+            # architecture, not the evaluation config's own model keys.
+            config.model.update(run_config["model"])
+            config.chain.update(run_config["chain"])
         changed = [
             f"data.{key} {config.data[key]} -> {value}"
             for key, value in (("image_size", size), ("channels", channels))
@@ -143,7 +189,6 @@ def evaluate_workdir(
     if changed:
         say(f"note: the models were trained at {size}x{size}x{channels}; set {'; '.join(changed)}")
     config_lib.validate(config)
-    same_data = _same_data(workdir, config)
 
     data = data_lib.load(config.data, seed=config.seed)
     if data.images.shape[1:] != (size, size, channels):
@@ -157,19 +202,30 @@ def evaluate_workdir(
     index, split_by = select(config, data, split)
     if len(index) == 0:
         raise EvaluateError(f"the {split} split of {name} is empty")
+    path = os.path.join(workdir, "evaluations", f"{name}-{split}.json")
+    _refuse_overwrite(path, json.loads(config.to_json_best_effort()))
+    overlap = _overlap(workdir, run_config, data, index)
     # The new data in the trained class order: probabilities column k = trained class k.
     labels = label_map[data.labels]
     data = data_lib.ImageSet(images=data.images, labels=labels, class_names=tuple(trained_names))
 
     notes = []
-    if same_data and split in ("train", "all"):
+    n_train, n_val = overlap["in_run_train_pool"], overlap["in_run_val"]
+    if n_train:
         notes.append(
-            f"{name} names the training data of this run: the {split} images include those the "
-            "models were trained on, so these metrics are optimistic"
+            f"{n_train} of the {len(index)} images are in this run's train pool: the models "
+            "were trained on them (the links on their fractions, the baselines on more), so "
+            "these metrics are optimistic"
         )
-    elif same_data and split == "val":
+    if n_val:
         notes.append(
-            "the val split chose each model's epoch: these metrics are optimistic; report test"
+            f"{n_val} of the {len(index)} images are in this run's val split, which chose each "
+            "model's epoch: these metrics are optimistic; report test"
+        )
+    if overlap["same_data_as_run"] is None:
+        notes.append(
+            "this run has no data.json (it predates it), so whether these images overlap its "
+            "training and validation images is unknown"
         )
     if config.data.source == "synthetic":
         notes.append("the data is synthetic: no clinical conclusion can be drawn")
@@ -202,14 +258,13 @@ def evaluate_workdir(
             "class_names": trained_names,
             "data_class_names": data_names,
             "class_counts": np.bincount(labels[index], minlength=len(trained_names)).tolist(),
-            "same_data_as_run": same_data,
+            **overlap,
         },
         "notes": notes,
         "links": [v for v in out_models.values() if "link" in v],
         "baselines": {k: v for k, v in out_models.items() if "link" not in v},
         "devices": jax.device_count(),
     }
-    path = os.path.join(workdir, "evaluations", f"{name}-{split}.json")
     if jax.process_index() == 0:
         files.write_json(path, evaluation)
     if progress is not None:

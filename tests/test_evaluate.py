@@ -1,0 +1,69 @@
+"""``weckd_jax.evaluate`` on the smoke run: which evaluated images the run trained or selected on,
+evaluations that are never silently replaced, and the trained architecture over the evaluation
+config's own model keys."""
+
+import json
+import os
+
+import pytest
+
+from weckd_jax import chain, evaluate
+from weckd_jax import data as data_lib
+
+
+def test_overlap_with_the_run_is_counted_from_its_own_splits(smoke_run):
+    config, workdir, results = smoke_run
+    test = evaluate.evaluate_workdir(workdir, config, split="test", name="overlap")
+    assert test["data"]["same_data_as_run"] is True
+    assert (test["data"]["in_run_train_pool"], test["data"]["in_run_val"]) == (0, 0)
+    assert not any("optimistic" in note for note in test["notes"])
+
+    # Another test fraction names other images "test": most of them are the run's training and
+    # validation images, which the config alone would not reveal.
+    other = config.copy_and_resolve_references()
+    with other.unlocked():
+        other.data.test_fraction = 0.5
+    moved = evaluate.evaluate_workdir(workdir, other, split="test", name="overlap-half")
+    data = data_lib.load(config.data, seed=config.seed)
+    run_splits = chain.make_run_splits(config, data)
+    index, _ = evaluate.select(other, data, "test")
+    assert moved["data"]["in_run_train_pool"] == len(set(index) & set(run_splits.train)) > 0
+    assert moved["data"]["in_run_val"] == len(set(index) & set(run_splits.val))
+    n_train = moved["data"]["in_run_train_pool"]
+    assert any(note.startswith(f"{n_train} of the {len(index)} images") for note in moved["notes"])
+
+
+def test_an_evaluation_with_another_config_is_not_overwritten(smoke_run):
+    config, workdir, _ = smoke_run
+    first = evaluate.evaluate_workdir(workdir, config, split="all", name="hospital")
+    with open(first["path"]) as f:
+        saved = f.read()
+    other = config.copy_and_resolve_references()
+    with other.unlocked():
+        other.data.difficulty = 0.5  # other images, same classes
+    with pytest.raises(evaluate.EvaluateError, match="data.difficulty: 1.0 -> 0.5.*--name"):
+        evaluate.evaluate_workdir(workdir, other, split="all", name="hospital")
+    with open(first["path"]) as f:
+        assert f.read() == saved
+    # The same evaluation again replaces the file with the same content; another name keeps both.
+    again = evaluate.evaluate_workdir(workdir, config, split="all", name="hospital")
+    assert again["links"] == first["links"]
+    kept = evaluate.evaluate_workdir(workdir, other, split="all", name="hospital-b")
+    assert kept["data"]["same_data_as_run"] is False and kept["data"]["in_run_train_pool"] == 0
+    assert os.path.isfile(first["path"]) and os.path.isfile(kept["path"])
+
+
+def test_the_trained_architecture_is_used_not_the_evaluation_configs(smoke_run):
+    config, workdir, results = smoke_run
+    other = config.copy_and_resolve_references()
+    with other.unlocked():
+        # At the smoke run's 32 px this stem would fail validation; the models are resnet10s
+        # with the small stem, read from the checkpoints.
+        other.model.backbone, other.model.stem = "resnet18", "imagenet"
+    out = evaluate.evaluate_workdir(workdir, other, split="test", name="arch")
+    with open(out["path"]) as f:
+        written = json.load(f)
+    assert written["config"]["model"]["stem"] == "small"
+    assert [r["metrics"]["accuracy"] for r in out["links"]] == [
+        r["test"]["accuracy"] for r in results["links"]
+    ]
