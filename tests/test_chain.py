@@ -3,6 +3,7 @@ determinism."""
 
 import dataclasses
 import glob
+import io
 import json
 import os
 import shutil
@@ -213,3 +214,29 @@ def test_a_run_stopped_by_bad_data_leaves_the_workdir_unbound(tmp_path, monkeypa
             run(config, str(workdir), Progress(enabled=False))
         # No config.json: the corrected command may use the same --workdir.
         assert not glob.glob(str(workdir / "**" / "*.json"), recursive=True)
+
+
+def test_a_damaged_final_checkpoint_is_named_with_the_fix(smoke_run, tmp_path):
+    _, workdir, _ = smoke_run
+    shutil.copytree(
+        os.path.join(workdir, "checkpoints", "link_1"), tmp_path / "checkpoints" / "link_1"
+    )
+    shutil.rmtree(tmp_path / "checkpoints" / "link_1" / "final" / "0" / "params")
+    with pytest.raises(checkpoints.CheckpointError, match="final checkpoint of link_1") as error:
+        chain.restore_finished(str(tmp_path), "link_1", parallel.data_mesh(), (32, 32, 3))
+    assert "delete that folder" in str(error.value)
+    assert os.path.join(str(tmp_path), "jobs", "link_1.json") in str(error.value)
+
+
+def test_a_batch_larger_than_the_link_data_is_warned_about(tmp_path):
+    config = smoke_config()
+    with config.unlocked():
+        config.chain.length, config.train.epochs, config.train.batch_size = 1, 1, 64
+        config.baselines.union_supervised = config.baselines.full_supervised = False
+    stream = io.StringIO()
+    results = chain.run(config, str(tmp_path), Progress(stream=stream))
+    n_train = results["links"][0]["n_train"]
+    assert n_train < 64
+    assert f"warning: link_1 trains on {n_train} images, fewer than train.batch_size=64" in (
+        stream.getvalue()
+    )

@@ -186,6 +186,12 @@ def train_job(
     epoch_steps = pipeline.steps_per_epoch(len(job.train_index), batch_size)
     total_steps = epoch_steps * cfg_train.epochs
     image_shape = data.images.shape[1:]
+    if len(job.train_index) < batch_size:
+        progress.print(
+            f"warning: {job.name} trains on {len(job.train_index)} images, fewer than "
+            f"train.batch_size={batch_size}: every step repeats images and an epoch is one step. "
+            f"Set train.batch_size to at most {len(job.train_index)}, or give the link more data."
+        )
 
     with timer("checkpoint"):
         teachers = [restore_finished(workdir, name, mesh, image_shape) for name in job.teachers]

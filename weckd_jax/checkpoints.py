@@ -84,26 +84,56 @@ def abstract_like(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+class CheckpointError(Exception):
+    """A finished link's checkpoint cannot be read; the message names it and the fix."""
+
+
+def _unreadable(workdir: str, name: str, error: Exception) -> CheckpointError:
+    text = str(error).strip()
+    reason = text.splitlines()[0] if text else type(error).__name__
+    return CheckpointError(
+        f"the final checkpoint of {name} ({final_dir(workdir, name)}) cannot be read: {reason}. "
+        "It was damaged or partly deleted. Fix: delete that folder and "
+        f"{os.path.join(workdir, 'jobs', name + '.json')}, then rerun the same launch command: "
+        f"{name} is trained again (the same config and seed give the same weights on the same "
+        "machine)."
+    )
+
+
 def read_final_meta(workdir: str, name: str) -> dict:
-    """The JSON meta of a finished link (architecture, chosen epoch), without reading weights."""
-    with _manager(final_dir(workdir, name), create=False) as manager:
-        restored = manager.restore(0, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    """The JSON meta of a finished link (architecture, chosen epoch), without reading weights.
+
+    Raises:
+      CheckpointError: the checkpoint cannot be read.
+    """
+    try:
+        with _manager(final_dir(workdir, name), create=False) as manager:
+            restored = manager.restore(0, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises KeyError, FileNotFoundError, ValueError, RuntimeError
+        raise _unreadable(workdir, name, e) from e
     return restored.meta
 
 
 def restore_final(
     workdir: str, name: str, abstract_variables: dict[str, PyTree]
 ) -> tuple[dict[str, PyTree], dict]:
-    """Reads ``params`` and ``batch_stats`` (and the JSON meta) of a finished link from disk."""
-    with _manager(final_dir(workdir, name), create=False) as manager:
-        restored = manager.restore(
-            0,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_variables["params"]),
-                batch_stats=ocp.args.StandardRestore(abstract_variables["batch_stats"]),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+    """Reads ``params`` and ``batch_stats`` (and the JSON meta) of a finished link from disk.
+
+    Raises:
+      CheckpointError: the checkpoint cannot be read.
+    """
+    try:
+        with _manager(final_dir(workdir, name), create=False) as manager:
+            restored = manager.restore(
+                0,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_variables["params"]),
+                    batch_stats=ocp.args.StandardRestore(abstract_variables["batch_stats"]),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+    except Exception as e:
+        raise _unreadable(workdir, name, e) from e
     return {"params": restored.params, "batch_stats": restored.batch_stats}, restored.meta
 
 
