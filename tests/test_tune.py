@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from optuna.trial import TrialState
@@ -323,6 +324,11 @@ def test_space_syntax_and_checks():
     # An end of a range that makes an invalid run is refused before any trial.
     with pytest.raises(config_lib.ConfigError, match=r"distill.alpha=1.5 \(the high end"):
         tune.check_search(search_config("distill.alpha:0.5:1.5"), 3)
+    with pytest.raises(config_lib.ConfigError, match=r"eval_batch_size=0 \(the low end"):
+        tune.check_search(search_config("train.eval_batch_size:0:8"), 3)
+    for space, value in (("train.intensity:0:1.5", "1.5"), ("train.momentum:-0.5:0.9", "-0.5")):
+        with pytest.raises(config_lib.ConfigError, match=rf"train\.\w+={value} \(the"):
+            tune.check_search(search_config(space), 3)
     # t_min is capped at the trial's t_max, so every trial anneals downwards.
     capped = tune.apply_params(
         search_config(), {"distill.t_max": 3.0, "distill.t_min": 4.5}, baselines=False
@@ -332,6 +338,55 @@ def test_space_syntax_and_checks():
     kept = tune.apply_params(search_config(), {"distill.t_min": 1.5}, baselines=True)
     assert (kept.distill.t_max, kept.distill.t_min) == (6.0, 1.5)
     assert kept.baselines.full_supervised is True
+
+
+def test_every_batch_size_of_a_range_must_divide_over_the_devices(monkeypatch):
+    # On 4 devices, 8 and 12 divide but 9 does not: checking the ends alone would let TPE sample
+    # a batch size that stops its trial.
+    with monkeypatch.context() as m:
+        m.setattr(jax, "device_count", lambda: 1)
+        tune.check_search(search_config("train.batch_size:8:12"), 3)  # every value divides
+    monkeypatch.setattr(jax, "device_count", lambda: 4)
+    with pytest.raises(config_lib.ConfigError) as e:
+        tune.check_search(search_config("train.batch_size:8:12"), 3)
+    assert str(e.value).startswith(
+        "tune.space: train.batch_size=9, inside its range, gives an invalid config "
+        "(train.batch_size=9 does not divide over 4 devices"
+    )
+
+
+def test_a_search_inside_the_data_folder_is_refused(tmp_path):
+    config = search_config()
+    config.data.source = "folder"
+    config.data.root = str(tmp_path)
+    with pytest.raises(config_lib.ConfigError, match="is inside data.root="):
+        tune.run(config, str(tmp_path / "search"), 1, evaluate_best=False, say=print)
+    assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_stops_a_search_in_one_line_and_fails_the_running_trial(tmp_path):
+    proc = subprocess.Popen(
+        _tune_cmd(tmp_path, "--trials=1", "--evaluate_best=false"),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "trials" / "0" / "config.json").exists():  # trial 0 is running
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.startswith(
+        f"interrupted: the finished trials are kept in {tmp_path / 'study.db'} (the interrupted "
+        "one is not counted)"
+    )
+    assert stderr.endswith("rerun the same command to resume\n") and stderr.count("\n") == 1
+    trials = _trials(tmp_path, search_config())
+    assert [t.state for t in trials.values()] == [TrialState.FAIL]
 
 
 def test_cli_user_errors_exit_2_without_traceback(search, tmp_path):

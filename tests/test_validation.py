@@ -2,15 +2,18 @@
 naming the key and the fix; divergence stops a link with link, epoch and step named."""
 
 import os
+import signal
 import subprocess
+import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from tests.conftest import run_python, smoke_config
-from weckd_jax import chain, checkpoints, parallel, train
+from tests.conftest import REPO, run_python, smoke_config
+from weckd_jax import chain, checkpoints, cli, parallel, train
 from weckd_jax.config import ConfigError, base_config, differences, validate
 from weckd_jax.progress import Progress
 
@@ -49,6 +52,21 @@ def _set(config, key, value):
         ("train.optimizer", "lamb", "train.optimizer='lamb' is unknown"),
         ("train.batch_size", 0, "train.batch_size=0 must be >= 1"),
         ("model.dtype", "float16", "model.dtype='float16' is unknown"),
+        ("train.learning_rate", float("inf"), "train.learning_rate=inf is not a finite number"),
+        ("distill.t_max", float("inf"), "distill.t_max=inf is not a finite number"),
+        ("distill.attention_weight", float("inf"), "attention_weight=inf is not a finite"),
+        ("train.weight_decay", float("inf"), "train.weight_decay=inf is not a finite number"),
+        ("train.intensity", float("nan"), "train.intensity=nan is not a finite number"),
+        ("train.momentum", float("-inf"), "train.momentum=-inf is not a finite number"),
+        ("train.eval_batch_size", 0, "train.eval_batch_size=0 must be >= 1"),
+        ("data.num_images", 0, "data.num_images=0 is too small.*data.num_images >= 5"),
+        ("data.num_images", -5, "data.num_images=-5 is too small"),
+        ("data.images_per_group", 0, "data.images_per_group=0 must be >= 1"),
+        ("data.difficulty", -1.0, "data.difficulty=-1.0 must be >= 0"),
+        ("train.intensity", -1.0, r"train.intensity=-1.0 must be in \[0, 1\)"),
+        ("train.intensity", 1.0, r"train.intensity=1.0 must be in \[0, 1\)"),
+        ("train.momentum", -1.0, r"train.momentum=-1.0 must be in \[0, 1\)"),
+        ("train.momentum", 1.0, r"train.momentum=1.0 must be in \[0, 1\)"),
     ],
 )
 def test_each_bad_value_is_named(key, value, match):
@@ -56,6 +74,96 @@ def test_each_bad_value_is_named(key, value, match):
     _set(config, key, value)
     with pytest.raises(ConfigError, match=match):
         validate(config)
+
+
+def test_a_config_lacking_keys_or_not_a_configdict_is_named():
+    with pytest.raises(ConfigError, match="is a dict, not an ml_collections.ConfigDict"):
+        validate(base_config().to_dict())
+    config = base_config()
+    del config.train["epochs"]
+    del config["tune"]  # optional: a config written before the section existed
+    with pytest.raises(ConfigError, match=r"lacks 1 key\(s\) a run needs: train.epochs;"):
+        validate(config)
+
+
+def test_a_workdir_inside_the_data_folder_is_refused(tmp_path):
+    config = base_config()
+    config.data.source = "folder"
+    config.data.root = str(tmp_path / "data")
+    validate(config, str(tmp_path / "runs" / "run1"))  # beside the data: fine
+    validate(config, str(tmp_path / "data2"))  # a name that merely starts like it
+    for workdir in (tmp_path / "data", tmp_path / "data" / "run1", tmp_path / "data" / "a" / "b"):
+        with pytest.raises(ConfigError, match="is inside data.root=.*outside the data folder"):
+            validate(config, str(workdir))
+    config.data.source = "synthetic"  # data.root is not read
+    validate(config, str(tmp_path / "data" / "run1"))
+
+
+BAD_CONFIG_FILES = {
+    "syntax.py": ("def get_config(:\n", "has a syntax error at line 1: "),
+    "no_get.py": ("x = 1\n", "defines no get_config(); a config file must define get_config()"),
+    "a_dict.py": (
+        "def get_config():\n    return {'seed': 0}\n",
+        "get_config() returned a dict, not an ml_collections.ConfigDict",
+    ),
+    "raises.py": (
+        "def get_config():\n    return undefined_name\n",
+        "get_config() failed (line 2): NameError: name 'undefined_name' is not defined",
+    ),
+    "import_fails.py": ("import no_such_module_x\n", "running it failed (line 1): Module"),
+}
+
+
+def test_bad_config_files_are_named_in_one_line(tmp_path):
+    for name, (text, message) in BAD_CONFIG_FILES.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError) as e:
+            cli.load_config_arg(["prog", f"--config={tmp_path / name}", "--config.seed=1"])
+        assert str(e.value).startswith(f"config file {tmp_path / name}"), str(e.value)
+        assert message in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
+    with pytest.raises(ConfigError, match=r"nonexist.py does not exist; give a config file, e.g."):
+        cli.load_config_arg(["prog", "--config", str(tmp_path / "nonexist.py")])
+    with pytest.raises(ConfigError, match="is a folder, not a file"):
+        cli.load_config_arg(["prog", "--config", str(tmp_path)])
+    assert cli.load_config_arg(["prog", "--config.seed=1"]) is None  # no --config: the default
+    config = cli.load_config_arg(["prog", "-config", "configs/smoke.py", "--", "--config=x.py"])
+    assert config.chain.length == 2  # configs/smoke.py, as loaded by --config
+
+
+def test_an_override_naming_no_key_is_named_with_its_close_match():
+    config = base_config()
+    problem = cli.override_problem(config, ["prog", "--config.trian.epochs=1"])
+    assert problem == (
+        "unknown config key in --config.trian.epochs=1: the config has no key 'trian'; did you "
+        "mean 'train'? All keys and their defaults are listed in weckd_jax/config.py."
+    )
+    problem = cli.override_problem(config, ["prog", "--config.seed=1", "--noconfig.train.augmnt"])
+    assert problem.startswith(
+        "unknown config key in --noconfig.train.augmnt: the section 'train' has no key 'augmnt'; "
+        "did you mean 'train.augment'?"
+    )
+    problem = cli.override_problem(config, ["prog", "--config.train.epochs.x=1"])
+    assert problem == (
+        "unknown config key in --config.train.epochs.x=1: train.epochs holds a value (20), not a "
+        "section, so it has no key 'x'; override it as --config.train.epochs=VALUE"
+    )
+    assert "has no key 'zzz'. All keys" in cli.override_problem(config, ["p", "--config.zzz=1"])
+    good = ["prog", "--config.train.epochs", "3", "--noconfig.train.augment", "--workdir=config.x"]
+    assert cli.override_problem(config, good) is None
+
+
+def test_an_unusable_workdir_is_named_and_nothing_is_left_behind(tmp_path):
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    assert cli.workdir_problem(str(a_file)) == (
+        f"--workdir {a_file} is a file, not a folder; choose another --workdir"
+    )
+    assert f"cannot be made: {a_file} is a file" in cli.workdir_problem(str(a_file / "run"))
+    if os.path.isdir("/proc/self"):  # no folder can be made in /proc, even by root
+        assert "no folder can be created in /proc" in cli.workdir_problem("/proc/weckd")
+    assert cli.workdir_problem(str(tmp_path / "new" / "run")) is None
+    assert cli.workdir_problem(str(tmp_path)) is None
+    assert sorted(os.listdir(tmp_path)) == ["taken"]  # the probe folders are gone
 
 
 def test_default_and_shipped_configs_validate():
@@ -90,7 +198,8 @@ def _launch_smoke(workdir, *overrides: str, timeout: int = 300) -> subprocess.Co
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("--config.nosuchkey=1", "unknown config key in '--config.nosuchkey=1'"),
+        ("--config.nosuchkey=1", "error: unknown config key in --config.nosuchkey=1: the config"),
+        ("--config.train.learning_rate=inf", "error: train.learning_rate=inf is not a finite"),
         ("--config.chain.length=0", "error: chain.length=0 must be >= 1"),
         ("--config.train.batch_size=abc", "invalid literal for int()"),
     ],
@@ -99,8 +208,60 @@ def test_launch_reports_user_errors_without_traceback(tmp_path, override, messag
     out = _launch_smoke(tmp_path / "w", override)
     assert out.returncode == 2
     assert message in out.stderr
-    assert "Traceback" not in out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
     assert not (tmp_path / "w").exists()  # nothing was written
+
+
+def test_every_tool_reports_a_bad_config_file_or_key_in_one_line(tmp_path):
+    (tmp_path / "no_get.py").write_text("x = 1\n")
+    (tmp_path / "a_file").write_text("")
+    workdir = f"--workdir={tmp_path / 'w'}"
+    cases = [  # (arguments, message)
+        (["weckd_jax.launch", f"--config={tmp_path / 'no_get.py'}", workdir], "no_get.py defines"),
+        (["weckd_jax.evaluate", "--config", str(tmp_path / "nonexist.py"), workdir], "not exist"),
+        (["weckd_jax.tune", "--config=configs/nonexist.py", workdir, "--trials=1"], "not exist"),
+        (["weckd_jax.bench", f"--config={tmp_path / 'no_get.py'}"], "no_get.py defines"),
+        # Without --config, ml_collections applies the overrides while defining the flag.
+        (["weckd_jax.launch", "--config.trian.epochs=1", workdir], "did you mean 'train'?"),
+        (["weckd_jax.tune", "--config.train.epoch=1", workdir, "--trials=1"], "'train.epochs'?"),
+        (["weckd_jax.launch", "--config=configs/smoke.py", f"--workdir={tmp_path / 'a_file'}"],
+         "a_file is a file, not a folder"),
+    ]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True,
+        )
+        for args, _ in cases
+    ]  # fmt: skip
+    for proc, (args, message) in zip(procs, cases, strict=True):
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (args, stderr[-3000:])
+        assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+        assert message in stderr, (args, stderr)
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "no_get.py"]  # nothing was written
+
+
+def test_ctrl_c_stops_launch_in_one_line_and_keeps_the_workdir(tmp_path):
+    workdir = tmp_path / "w"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "weckd_jax.launch", "--config", "configs/smoke.py",
+         f"--workdir={workdir}"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (workdir / "config.json").exists():  # the run has begun
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr == (
+        f"interrupted: the finished links and the last in-training checkpoint are kept in "
+        f"{workdir}; rerun the same command to resume\n"
+    )
+    assert (workdir / "config.json").exists()
 
 
 def test_divergence_names_link_epoch_and_step_and_keeps_last_checkpoint(tmp_path):

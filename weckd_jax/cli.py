@@ -1,12 +1,20 @@
-"""What the command-line tools share: plain user errors, and absl flag parsing that reports an
-unknown ``--config.key`` override without a traceback. Defines no flags itself."""
+"""What the command-line tools share: plain user errors, absl flag parsing that reports a bad
+config file or a ``--config.key`` override naming no key in one line, the check of ``--workdir``,
+and the message for Ctrl-C. Defines no flags itself."""
 
 from __future__ import annotations
 
-import re
+import difflib
+import os
 import sys
+import tempfile
 
 from absl import flags
+from ml_collections import ConfigDict, config_flags
+
+from weckd_jax import config as config_lib
+
+INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as shells report it
 
 
 def fail(message: str) -> None:
@@ -15,17 +23,131 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def interrupted(message: str) -> None:
+    """Prints one line for a Ctrl-C (``message``: what is kept, how to resume), exits with 130."""
+    print(f"interrupted: {message}", file=sys.stderr)
+    sys.exit(INTERRUPTED)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _args(argv: list[str]) -> list[str]:
+    """The arguments absl reads as flags: all after the program name, up to ``--``."""
+    args = argv[1:]
+    return args[: args.index("--")] if "--" in args else args
+
+
+def config_path(argv: list[str], name: str = "config") -> str | None:
+    """The value of the last ``--config FILE`` / ``--config=FILE`` of ``argv``, or None."""
+    path, args = None, _args(argv)
+    for i, arg in enumerate(args):
+        for flag in (f"--{name}", f"-{name}"):
+            if arg == flag and i + 1 < len(args):
+                path = args[i + 1]
+            elif arg.startswith(flag + "="):
+                path = arg[len(flag) + 1 :]
+    return path
+
+
+def load_config_arg(argv: list[str], name: str = "config"):
+    """The config file ``--config`` names in ``argv``, loaded and checked as
+    `weckd_jax.config.load_file` does (`ConfigError` on any problem); None without the flag."""
+    path = config_path(argv, name)
+    return None if path is None else config_lib.load_file(path)
+
+
+def _overrides(argv: list[str], name: str = "config") -> list[tuple[str, str]]:
+    """``(argument, KEY)`` of every ``--config.KEY[=VALUE]`` and ``--noconfig.KEY`` of ``argv``."""
+    found = []
+    for arg in (a for a in _args(argv) if a.startswith("-")):
+        flag = arg.split("=", 1)[0].lstrip("-")
+        for prefix in (f"{name}.", f"no{name}."):
+            if flag.startswith(prefix):
+                found.append((arg, flag[len(prefix) :]))
+    return found
+
+
+def override_problem(config, argv: list[str], name: str = "config") -> str | None:
+    """What is wrong with the first ``--config.KEY[=VALUE]`` (or ``--noconfig.KEY``) of ``argv``
+    whose KEY is no value of ``config``, naming the override, the bad key and a close match."""
+    for arg, key in _overrides(argv, name):
+        node, done = config, []
+        for part in key.split("."):
+            if "[" in part:  # an index into a sequence: left to ml_collections
+                break
+            if not hasattr(node, "keys"):
+                return (
+                    f"unknown config key in {arg}: {'.'.join(done)} holds a value ({node!r}), not "
+                    f"a section, so it has no key {part!r}; override it as "
+                    f"--{name}.{'.'.join(done)}=VALUE"
+                )
+            if part not in node:
+                close = difflib.get_close_matches(part, [str(k) for k in node], n=1)
+                where = f"the section {'.'.join(done)!r}" if done else "the config"
+                hint = f"; did you mean {'.'.join([*done, close[0]])!r}?" if close else "."
+                return (
+                    f"unknown config key in {arg}: {where} has no key {part!r}{hint} All keys and "
+                    "their defaults are listed in weckd_jax/config.py."
+                )
+            node = node[part]
+            done.append(part)
+    return None
+
+
+def define_config_file(default: str):
+    """``--config FILE`` (a config file with ``get_config()``; ``default`` without the flag), for
+    `parse_flags` to read. Without ``--config`` on the command line, ml_collections loads the
+    default and applies the ``--config.KEY`` overrides while the flag is defined, so they are
+    checked here first."""
+    if config_path(sys.argv) is None and _overrides(sys.argv):
+        try:
+            problem = override_problem(config_lib.load_file(default), sys.argv)
+        except config_lib.ConfigError as e:
+            problem = str(e)
+        if problem:
+            fail(problem)
+    return config_flags.DEFINE_config_file(
+        "config", default, "Config file with get_config().", lock_config=True
+    )
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing (for ``app.run(main, flags_parser=parse_flags)``), with ml_collections'
-    errors for an override naming no key of the config turned into a plain message."""
+    """absl flag parsing (for ``app.run(main, flags_parser=parse_flags)``), with a bad config file
+    and an override naming no key of the config reported in one line, before absl reads them."""
+    if "config" in flags.FLAGS:
+        try:
+            config = load_config_arg(argv)
+        except config_lib.ConfigError as e:
+            fail(str(e))
+        if config is None:  # the flag's default, loaded when it was defined
+            config = flags.FLAGS["config"].value
+        if isinstance(config, ConfigDict) and (problem := override_problem(config, argv)):
+            fail(problem)
     try:
         return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-        key = str(e).strip("\"'")
-        bad = [a for a in argv if a.startswith("--config.") and re.search(rf"\b{key}\b", a)]
-        fail(
-            f"unknown config key in {' '.join(bad) or key!r}: the config has no such key. "
-            "All keys and their defaults are listed in weckd_jax/config.py."
-        )
+    except (AttributeError, KeyError) as e:  # what the checks above did not foresee
+        fail(f"unknown config key in a --config.KEY override: {_one_line(e)}")
     except flags.Error as e:
-        fail(f"{e}\nRun with --helpfull to list the flags.")
+        fail(f"{_one_line(e)} (run with --helpfull to list the flags)")
+
+
+def workdir_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a run's folder (a file; a place where no folder can be made), or
+    None. Leaves nothing behind: a folder made to test the place is removed at once."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"--workdir {path} is a file, not a folder; choose another --workdir"
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"--workdir {path} cannot be made: {folder} is a file; choose another --workdir"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".weckd-probe-", dir=folder))
+    except OSError as e:
+        return (
+            f"--workdir {path} cannot be made: no folder can be created in {folder} "
+            f"({e.strerror}); choose another --workdir"
+        )
+    return None

@@ -6,6 +6,13 @@ key can be overridden on the command line (``--config.chain.length=4``).
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import math
+import os
+import re
+import traceback
+
 import ml_collections
 
 from weckd_jax import data as data_lib
@@ -23,8 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.source = "synthetic"  # "synthetic" (embedded generator) | "folder" | "tfds"
     c.data.modality = "otoscopy"  # synthetic: "otoscopy" | "microscopy" | "mri"
     c.data.num_images = 2500  # synthetic: images generated
-    c.data.difficulty = 1.0  # synthetic: nuisance strength / class overlap
-    c.data.images_per_group = 4  # synthetic: images per synthetic patient
+    c.data.difficulty = 1.0  # synthetic: nuisance strength / class overlap (>= 0; 0 = clean)
+    c.data.images_per_group = 4  # synthetic: images per synthetic patient (>= 1)
     c.data.image_size = 64  # side in pixels the images are resized to
     c.data.channels = 0  # 1 or 3; 0 = as the source gives (synthetic: the modality's; folder: 3)
     c.data.root = ""  # folder: DIR/<class>/<image> (nested folders allowed)
@@ -64,17 +71,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 20  # epochs per link and baseline
     c.train.batch_size = 32  # global batch size (over all devices)
-    c.train.eval_batch_size = 256
+    c.train.eval_batch_size = 256  # examples per evaluation batch (divides over the devices)
     c.train.optimizer = "adamw"  # "adamw" | "sgd" (Nesterov momentum)
     c.train.learning_rate = 1e-3
-    c.train.momentum = 0.9  # sgd only
+    c.train.momentum = 0.9  # sgd only; in [0, 1)
     c.train.weight_decay = 0.05
     c.train.warmup_epochs = 1
     c.train.label_smoothing = 0.0
     c.train.augment = True  # random flip, shift and intensity jitter, on the device
     c.train.flip = True
     c.train.max_shift = 4  # pixels
-    c.train.intensity = 0.1
+    c.train.intensity = 0.1  # brightness offset and contrast factor 1 +- this; in [0, 1)
     c.train.eval_every = 2  # validate every this many epochs (the best one is kept)
     c.train.checkpoint_every = 200  # steps between checkpoints (and at every epoch end)
 
@@ -116,6 +123,60 @@ def get_config() -> ml_collections.ConfigDict:
     return base_config()
 
 
+def load_file(path: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of a config file, as ``--config PATH`` loads it (``FILE:ARG`` passes
+    ``ARG`` to ``get_config``).
+
+    Raises:
+      ConfigError: the file is missing, does not run, defines no ``get_config()``, or that does
+        not return an ``ml_collections.ConfigDict``; the message names the file and the fix.
+    """
+    file, *args = str(path).split(":", 1)
+    fix = "e.g. --config configs/smoke.py (a Python file that defines get_config())"
+    if not os.path.isfile(file):
+        what = "is a folder, not a file" if os.path.isdir(file) else "does not exist"
+        raise ConfigError(f"config file {file} {what}; give a config file, {fix}")
+
+    def failed(what: str, e: BaseException) -> ConfigError:
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if _same_file(f, file)]
+        where = f" (line {lines[-1]})" if lines else ""
+        text = " ".join(str(e).split())
+        return ConfigError(f"config file {file}: {what}{where}: {type(e).__name__}: {text}")
+
+    name = "weckd_config_" + re.sub(r"\W", "_", os.path.abspath(file))
+    loader = importlib.machinery.SourceFileLoader(name, file)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+    try:
+        loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(
+            f"config file {file} has a syntax error at line {e.lineno}: {e.msg}; fix the file"
+        ) from None
+    except Exception as e:
+        raise failed("running it failed", e) from None
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(
+            f"config file {file} defines no get_config(); a config file must define get_config() "
+            "returning an ml_collections.ConfigDict, e.g. weckd_jax.config.base_config() with "
+            "some keys changed (see configs/smoke.py)"
+        )
+    try:
+        config = module.get_config(*args)
+    except Exception as e:
+        raise failed("get_config() failed", e) from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(
+            f"config file {file}: get_config() returned a {type(config).__name__}, not an "
+            "ml_collections.ConfigDict; return weckd_jax.config.base_config() with some keys "
+            "changed (see configs/smoke.py)"
+        )
+    return config
+
+
+def _same_file(frame: traceback.FrameSummary, file: str) -> bool:
+    return os.path.abspath(frame.filename) == os.path.abspath(file)
+
+
 def seed_list(config) -> list[int]:
     """The seeds of a multi-seed run (``seeds = "0,1,2"``), or [] for a single run."""
     return [int(v) for v in str(config.seeds).split(",") if v.strip()]
@@ -125,8 +186,38 @@ class ConfigError(ValueError):
     """A config value is out of range or names something that does not exist."""
 
 
-def validate(config) -> None:
+def _leaves(tree, prefix: str = ""):
+    """``(dotted key, value)`` of every value of a config (or a nested dict), sections unfolded."""
+    for key, value in tree.items():
+        if hasattr(value, "items"):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _check_keys_and_numbers(config) -> None:
+    """Every key of `base_config` is there (``tune.*`` aside), and every float is finite."""
+    defaults = dict(_leaves(base_config()))
+    present = dict(_leaves(config))
+    missing = [k for k in defaults if k not in present and not k.startswith("tune.")]
+    if missing:
+        raise ConfigError(
+            f"the config lacks {len(missing)} key(s) a run needs: {', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}; build the config from "
+            "weckd_jax.config.base_config(), which has every key with its default"
+        )
+    for key, value in present.items():
+        values = value if isinstance(value, list | tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            default = f" (default {defaults[key]})" if key in defaults else ""
+            raise ConfigError(f"{key}={value} is not a finite number; give a finite value{default}")
+
+
+def validate(config, workdir: str | None = None) -> None:
     """Checks every key a run depends on, before any data is loaded or anything compiled.
+
+    Args:
+      workdir: the run's folder, when known: it must not lie inside the data folder.
 
     Raises:
       ConfigError: naming the key, the bad value and the fix (the first problem found).
@@ -137,6 +228,12 @@ def validate(config) -> None:
             raise ConfigError(message)
 
     c = config
+    if not isinstance(c, ml_collections.ConfigDict):
+        raise ConfigError(
+            f"the config is a {type(c).__name__}, not an ml_collections.ConfigDict; get_config() "
+            "must return one, e.g. weckd_jax.config.base_config() with some keys changed"
+        )
+    _check_keys_and_numbers(c)
     need(c.seed >= 0, f"seed={c.seed} must be >= 0")
     try:
         seeds = seed_list(c)
@@ -163,6 +260,29 @@ def validate(config) -> None:
             c.data.modality in synthetic.MODALITIES,
             f"data.modality={c.data.modality!r} is unknown; valid: "
             f"{', '.join(synthetic.MODALITIES)}",
+        )
+        num_classes = len(synthetic.MODALITIES[c.data.modality])
+        need(
+            c.data.num_images >= num_classes,
+            f"data.num_images={c.data.num_images} is too small: the {c.data.modality!r} modality "
+            f"has {num_classes} classes; use data.num_images >= {num_classes} (default 2500)",
+        )
+        need(
+            c.data.images_per_group >= 1,
+            f"data.images_per_group={c.data.images_per_group} must be >= 1 (images per "
+            "synthetic patient; default 4)",
+        )
+        need(
+            c.data.difficulty >= 0,
+            f"data.difficulty={c.data.difficulty} must be >= 0 (0 = clean images, 1 = default)",
+        )
+    if workdir is not None and c.data.source == "folder" and c.data.root:
+        root, inside = os.path.realpath(c.data.root), os.path.realpath(workdir)
+        need(
+            os.path.commonpath([root, inside]) != root,
+            f"--workdir {workdir} is inside data.root={c.data.root}: the run's files would be "
+            "read as data (a class folder) by this and later runs; put the workdir outside the "
+            "data folder",
         )
     need(
         0 <= c.data.val_fraction < 1 and 0 <= c.data.test_fraction < 1,
@@ -253,6 +373,10 @@ def validate(config) -> None:
     )
     need(c.train.epochs >= 1, f"train.epochs={c.train.epochs} must be >= 1")
     need(c.train.batch_size >= 1, f"train.batch_size={c.train.batch_size} must be >= 1")
+    need(
+        c.train.eval_batch_size >= 1,
+        f"train.eval_batch_size={c.train.eval_batch_size} must be >= 1 (default 256)",
+    )
     need(c.train.learning_rate > 0, f"train.learning_rate={c.train.learning_rate} must be > 0")
     need(c.train.weight_decay >= 0, f"train.weight_decay={c.train.weight_decay} must be >= 0")
     need(c.train.warmup_epochs >= 0, f"train.warmup_epochs={c.train.warmup_epochs} must be >= 0")
@@ -265,7 +389,16 @@ def validate(config) -> None:
         c.train.checkpoint_every >= 1,
         f"train.checkpoint_every={c.train.checkpoint_every} must be >= 1",
     )
+    need(
+        0 <= c.train.momentum < 1,
+        f"train.momentum={c.train.momentum} must be in [0, 1) (Nesterov momentum of sgd)",
+    )
     need(c.train.max_shift >= 0, f"train.max_shift={c.train.max_shift} must be >= 0")
+    need(
+        0 <= c.train.intensity < 1,
+        f"train.intensity={c.train.intensity} must be in [0, 1) (brightness offset and contrast "
+        "factor 1 +- intensity; 0 = no intensity jitter)",
+    )
     need(
         0 <= c.train.label_smoothing < 1,
         f"train.label_smoothing={c.train.label_smoothing} must be in [0, 1)",

@@ -329,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     from absl import flags, logging
     from ml_collections import config_flags
 
+    from weckd_jax import cli
+
     ops.configure_cpu_flags()  # before JAX starts a backend
     argv = sys.argv if argv is None else argv
     values = _flags(argv)
@@ -338,7 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
+        cli.load_config_arg(argv)  # a missing or broken config file, in one line
         extra = values(argv)
+    except config_lib.ConfigError as e:
+        return fail(str(e))
     except (AttributeError, KeyError) as e:
         return fail(
             f"unknown config key {str(e).strip(chr(34) + chr(39))!r}: the config has no "

@@ -9,7 +9,9 @@ Flags:
                  join a multi-process run explicitly (SLURM and Cloud TPU pods are detected).
 
 A mistake in the config or the data stops the run before anything is compiled, with one message
-naming the problem and the fix, and exit code 2.
+naming the problem and the fix, and exit code 2. Ctrl-C stops it with one line and exit code 130;
+the finished links and the last in-training checkpoint are kept, and rerunning the same command
+resumes.
 """
 
 from __future__ import annotations
@@ -27,9 +29,7 @@ from weckd_jax.data import DataError
 from weckd_jax.data.splits import SplitError
 from weckd_jax.progress import Progress
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", config_lib.__file__, "Config file with get_config().", lock_config=True
-)
+_CONFIG = cli.define_config_file(config_lib.__file__)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: a new one under runs/).")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
@@ -53,12 +53,14 @@ def main(argv: list[str]) -> None:
     workdir = _WORKDIR.value or default_workdir(
         config_flags.get_config_filename(flags.FLAGS["config"])
     )
+    if problem := cli.workdir_problem(workdir):
+        cli.fail(problem)
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except ValueError as e:
         cli.fail(str(e))
     try:
-        config_lib.validate(config)
+        config_lib.validate(config, workdir)
         progress = Progress(enabled=jax.process_index() == 0)
         progress.print(f"workdir: {workdir}")
         if config_lib.seed_list(config):
@@ -67,6 +69,11 @@ def main(argv: list[str]) -> None:
             chain.run(config, workdir, progress)
     except USER_ERRORS as e:
         cli.fail(str(e))
+    except KeyboardInterrupt:
+        cli.interrupted(
+            f"the finished links and the last in-training checkpoint are kept in {workdir}; "
+            "rerun the same command to resume"
+        )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ given step means the same link and epoch in every trial. MedianPruner stops a tr
 accuracy it has reported so far is below the median of what the completed trials reported at that
 step (after ``tune.prune_after_trials`` completed trials and from step ``tune.prune_warmup_steps``).
 A trial whose loss diverges (NaN/Inf) is recorded as pruned (user attribute ``diverged``).
+
+Ctrl-C stops the search with one line and exit code 130: the interrupted trial is marked failed
+(not counted), and rerunning the same command continues the search.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import json
 import math
 import os
 import pprint
-import re
 import socket
 import time
 import warnings
@@ -42,7 +44,7 @@ import warnings
 # `chain` (orbax, grain, matplotlib) and `optuna` are imported where used: `config.validate`
 # imports this module, and a mistake on the command line is reported before they load.
 from weckd_jax import config as config_lib
-from weckd_jax import files, ops
+from weckd_jax import files, ops, parallel
 from weckd_jax.progress import Progress
 
 ConfigError = config_lib.ConfigError
@@ -51,6 +53,9 @@ OBJECTIVES = ("last_link", "link")
 # Keys a search may not change: they move the validation or test split, the data, or the
 # pruner's steps (every trial must be scored on the same images, at the same steps).
 FORBIDDEN_PREFIXES = ("seed", "data.", "chain.length", "train.epochs", "train.eval_every", "tune.")
+
+# Integer keys whose valid values are not an interval (they must divide over the devices).
+BATCH_SIZE_KEYS = ("train.batch_size", "train.eval_batch_size")
 
 HEARTBEAT_SECONDS = 60  # a running trial writes a heartbeat to the study this often
 STALE_SECONDS = 600  # a RUNNING trial without a heartbeat for this long is failed (other hosts)
@@ -193,19 +198,31 @@ def apply_params(config, params: dict, *, baselines: bool):
     return c
 
 
-def check_search(config, trials: int) -> tuple[Dimension, ...]:
+def check_search(config, trials: int, workdir: str | None = None) -> tuple[Dimension, ...]:
     """Everything checked before a search starts; returns the parsed space."""
     if trials is None or trials < 1:
         raise ConfigError(f"--trials={trials} must be >= 1 (the total number of trials)")
-    config_lib.validate(config)
+    config_lib.validate(config, workdir)
     if config_lib.seed_list(config):
         raise ConfigError(
             f"seeds={config.seeds!r}: a search tunes on one seed (seed={config.seed}); unset "
             "seeds (--config.seeds='') and run the best config over several seeds with launch"
         )
     dims = parse_space(config.tune.space, config)
-    # Both ends of every range must give a valid run (e.g. distill.alpha within [0, 1]).
+    # Both ends of every range must give a valid run (e.g. distill.alpha within [0, 1]): the
+    # valid values of every numeric key form an interval, but for the batch sizes, which must
+    # also divide over the devices: each of their values is checked.
     for dim in dims:
+        if dim.key in BATCH_SIZE_KEYS:
+            for value in range(int(dim.low), int(dim.high) + 1):
+                try:
+                    parallel.check_batch_size(value, dim.key)
+                except ValueError as e:
+                    raise ConfigError(
+                        f"tune.space: {dim.key}={value}, inside its range, gives an invalid "
+                        f"config ({e}), and a search samples every integer of the range; leave "
+                        f"{dim.key} out of tune.space on this machine"
+                    ) from None
         for end, value in (("low", dim.low), ("high", dim.high)):
             try:
                 config_lib.validate(apply_params(config, {dim.key: value}, baselines=False))
@@ -527,15 +544,9 @@ def best_config_value(config, key: str):
 
 
 def load_config_file(path: str):
-    """``get_config()`` of a config file (e.g. ``DIR/best_config.py``)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "weckd_best_config_" + re.sub(r"\W", "_", path), path
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    """``get_config()`` of a config file (e.g. ``DIR/best_config.py``); `ConfigError` when the
+    file cannot be used."""
+    return config_lib.load_file(path)
 
 
 def run(
@@ -553,7 +564,7 @@ def run(
       ``{"study", "counts", "best_trial", "best_value", "best_params", "best_config"}``, plus
       ``"best_results"`` (the path of ``DIR/best_results.json``) when ``evaluate_best``.
     """
-    dims = check_search(config, trials)
+    dims = check_search(config, trials, workdir)
     import optuna
 
     os.makedirs(workdir, exist_ok=True)
@@ -660,15 +671,12 @@ def main_cli() -> None:
     """``python -m weckd_jax.tune``: flags are defined here, not at import (launch and
     `config.validate` import this module)."""
     from absl import app, flags, logging
-    from ml_collections import config_flags
 
     from weckd_jax import cli
     from weckd_jax.data import DataError
     from weckd_jax.data.splits import SplitError
 
-    config_flag = config_flags.DEFINE_config_file(
-        "config", config_lib.__file__, "Config file with get_config().", lock_config=True
-    )
+    config_flag = cli.define_config_file(config_lib.__file__)
     workdir_flag = flags.DEFINE_string("workdir", None, "Folder of the study (study.db, trials/).")
     trials_flag = flags.DEFINE_integer(
         "trials", None, "Total number of finished trials the study should hold."
@@ -685,6 +693,8 @@ def main_cli() -> None:
             cli.fail("--workdir DIR is required: the study lives in DIR/study.db")
         if trials_flag.value is None:
             cli.fail("--trials N is required: the total number of trials the study should hold")
+        if problem := cli.workdir_problem(workdir_flag.value):
+            cli.fail(problem)
         logging.set_verbosity(logging.WARNING)
         try:
             run(
@@ -696,6 +706,12 @@ def main_cli() -> None:
             )
         except (ConfigError, DataError, SplitError) as e:
             cli.fail(str(e))
+        except KeyboardInterrupt:
+            cli.interrupted(
+                f"the finished trials are kept in {os.path.join(workdir_flag.value, 'study.db')} "
+                "(the interrupted one is not counted), the run of the best config its finished "
+                "links and last in-training checkpoint; rerun the same command to resume"
+            )
 
     app.run(main, flags_parser=cli.parse_flags)
 
