@@ -1,17 +1,22 @@
 """The benchmark runs and reports every figure (speed targets are read, not asserted, here)."""
 
+import json
 import os
 import subprocess
 import textwrap
 
-from tests.conftest import REPO, run_python, smoke_config
-from weckd_jax import bench
+from tests.conftest import REPO, run_python
 
 SMOKE = os.path.join(REPO, "configs", "smoke.py")
 
 
-def test_bench_reports_every_figure():
-    result = bench.run(smoke_config(), repeats=1, steps=1)
+def test_bench_reports_every_figure(tmp_path):
+    # Through the command line, over an existing --json file that --overwrite allows replacing.
+    path = tmp_path / "bench.json"
+    path.write_text('{"keep": 1}')
+    out = _bench_cli("--repeats=1", "--steps=1", f"--json={path}", "--overwrite")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(path.read_text())
     assert set(result["train_step"]) == {"supervised", "kd", "kd_at", "kd_at_cached"}
     for name, row in result["train_step"].items():
         assert row["images_per_s"] > 0 and row["step_ms"] > 0
@@ -24,6 +29,7 @@ def test_bench_reports_every_figure():
         ratio
         == result["train_step"]["kd"]["step_ms"] / result["train_step"]["supervised"]["step_ms"]
     )
+    assert "train kd_at" in out.stdout and "input pipeline" in out.stdout
 
 
 FLOPS_SCRIPT = textwrap.dedent(
@@ -64,24 +70,19 @@ def _bench_cli(*args: str) -> subprocess.CompletedProcess:
     return run_python("-m", "weckd_jax.bench", "--config", SMOKE, *args, timeout=300)
 
 
-def test_json_path_problems_are_found_before_timing(tmp_path):
-    a_file = tmp_path / "taken"
-    a_file.write_text("")
-    assert "is a folder" in bench.json_path_problem(str(tmp_path))
-    assert "not a writable folder" in bench.json_path_problem(str(a_file / "b.json"))
-    assert "is a folder" in bench.json_path_problem(str(tmp_path / "new") + "/")
-    assert bench.json_path_problem(str(tmp_path / "new" / "b.json")) is None
-    assert bench.json_path_problem(str(a_file)) is None  # an existing file is replaced
-
-
 def test_bench_command_line_mistakes_end_without_a_traceback(tmp_path):
+    taken = tmp_path / "results.json"
+    taken.write_text('{"keep": 1}')
     cases = {
         ("--config.model.widht=8",): "unknown config key",
         ("--config.train.batch_size=0",): "batch_size",
         ("--repeats=0",): "repeats",
         (f"--json={tmp_path}",): "is a folder",
+        (f"--json={taken}",): f"--json {taken} already exists; choose another path, or add "
+        "--overwrite",
     }
     for args, message in cases.items():
         out = _bench_cli(*args)
         assert out.returncode != 0 and message in out.stderr, (args, out.stderr[-2000:])
         assert "Traceback" not in out.stderr, (args, out.stderr[-2000:])
+    assert taken.read_text() == '{"keep": 1}'  # refused before any timing, left as it was

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -117,6 +118,7 @@ def test_unreadable_image_is_skipped_with_a_warning(smoke_run, images, tmp_path,
     )
     assert code == 0
     assert f"warning: skipped {folder / 'broken.png'}" in err
+    assert "Fix:" not in err and "train" not in err  # the folder source's advice for training
     assert "1 of 2 image(s) could not be decoded" in err
     with open(output, newline="") as f:
         rows = list(csv.reader(f))
@@ -166,6 +168,92 @@ def test_user_errors_exit_2_with_one_message(case, message, smoke_run, images, t
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, err
     assert "Traceback" not in err and out == ""
+
+
+def test_existing_output_is_kept_unless_overwrite(smoke_run, images, tmp_path, capsys):
+    _, workdir, results = smoke_run
+    _, paths, _ = images
+    output = tmp_path / "results.json"  # e.g. a run's results, named by mistake
+    output.write_text('{"keep": 1}')
+    argv = ["--workdir", workdir, "--images", paths[0], "--output", str(output)]
+    code, out, err = _run(argv, capsys)
+    assert code == 2 and out == ""
+    assert err == (
+        f"error: --output {output} already exists; choose another path, or add --overwrite to "
+        "replace it\n"
+    )
+    assert output.read_text() == '{"keep": 1}'
+    code, out, err = _run(argv + ["--overwrite"], capsys)
+    assert code == 0, err
+    with open(output, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["path", "predicted", *results["data"]["class_names"]] and len(rows) == 2
+    code, out, err = _run(
+        ["--workdir", workdir, "--images", paths[0], "--output", str(tmp_path)], capsys
+    )
+    assert code == 2 and f"error: --output {tmp_path} is a folder" in err
+
+
+def _copy_run(workdir: str, results: dict, to) -> str:
+    """A copy of the smoke run's results.json and link_2 checkpoint (``results`` as given)."""
+    to.mkdir()
+    (to / "results.json").write_text(json.dumps(results))
+    shutil.copytree(os.path.join(workdir, "checkpoints", "link_2"), to / "checkpoints" / "link_2")
+    return str(to)
+
+
+def test_checkpoint_with_other_classes_is_refused(smoke_run, images, tmp_path):
+    _, workdir, results = smoke_run
+    _, paths, _ = images
+    names = results["data"]["class_names"]
+    fewer = json.loads(json.dumps(results))
+    fewer["data"]["class_names"] = names[:3]
+    fake = _copy_run(workdir, fewer, tmp_path / "run")
+    with pytest.raises(predict.PredictError) as e:
+        predict.predict(fake, paths[:1])
+    final = os.path.join(fake, "checkpoints", "link_2", "final")
+    assert str(e.value).startswith(
+        f"the checkpoint {final} outputs {len(names)} classes but "
+        f"{os.path.join(fake, 'results.json')} names 3 ({', '.join(names[:3])})"
+    )
+
+
+def test_damaged_checkpoint_names_it_and_the_fix(smoke_run, images, tmp_path, capsys):
+    _, workdir, results = smoke_run
+    _, paths, _ = images
+    fake = _copy_run(workdir, results, tmp_path / "run")
+    final = os.path.join(fake, "checkpoints", "link_2", "final")
+    shutil.rmtree(os.path.join(final, "0", "params"))
+    code, out, err = _run(["--workdir", fake, "--images", paths[0]], capsys)
+    assert code == 2 and out == "" and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: the final checkpoint {final} cannot be read (")
+    assert "params" in last and "Pick another --link, or retrain link_2: move" in last
+    assert f"rerun the run's `python -m weckd_jax.launch` command with --workdir {fake}" in last
+
+
+def test_multi_seed_workdir_names_its_seed_runs(images, tmp_path, capsys):
+    _, paths, _ = images
+    for seed in (0, 1, 10):
+        (tmp_path / f"seed_{seed}").mkdir()
+    code, out, err = _run(["--workdir", str(tmp_path), "--images", paths[0]], capsys)
+    assert code == 2 and out == ""
+    assert err == (
+        f"error: {tmp_path} holds a multi-seed experiment (seed_0, seed_1, seed_10), one run per "
+        f"seed: point --workdir at one of them, e.g. --workdir {tmp_path / 'seed_0'}\n"
+    )
+
+
+def test_a_file_that_is_no_image_is_reported_once_for_predicting(smoke_run, tmp_path, capsys):
+    _, workdir, _ = smoke_run
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    code, out, err = _run(["--workdir", workdir, "--images", str(text)], capsys)
+    assert code == 2 and out == ""
+    assert err == (
+        f"error: none of the 1 image(s) could be decoded (first: {text}: not a PNG, JPEG, BMP "
+        "or TIFF image Pillow can identify); point --images at PNG, JPEG, BMP or TIFF files\n"
+    )
 
 
 def test_module_entry_point_reports_errors_plainly(smoke_run, images):

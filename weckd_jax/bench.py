@@ -1,6 +1,7 @@
 """Throughput of the train steps, evaluation and input pipeline for a config's network.
 
-    python -m weckd_jax.bench --config CFG [--config.key=value ...] [--json PATH] [--repeats N]
+    python -m weckd_jax.bench --config CFG [--config.key=value ...] [--json PATH [--overwrite]]
+        [--repeats N]
 
 For the config's first backbone it times, on every local device: the supervised step (link 1 and
 the baselines), the KD step (a frozen teacher of the same architecture), the KD + attention
@@ -8,7 +9,8 @@ transfer step, the same with the teacher's outputs cached (``distill.teacher_cac
 augmentation is off), the eval step, and the grain pipeline with the batch placement. Each
 figure is the median of ``--repeats`` timed windows of ``--steps`` steps, after a warm-up;
 compile seconds are measured separately, and achieved GFLOP/s come from XLA's cost analysis of
-the compiled step.
+the compiled step. ``--json`` refuses a file that exists (checked before the timing, and again
+before writing) unless ``--overwrite`` is given.
 Example, the ResNet-18 used to compare frameworks:
 
     python -m weckd_jax.bench --config configs/default.py --config.model.backbone=resnet18 \\
@@ -19,7 +21,6 @@ Example, the ResNet-18 used to compare frameworks:
 from __future__ import annotations
 
 import dataclasses
-import os
 import resource
 import statistics
 import sys
@@ -39,6 +40,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", config_lib.__file__, "Config file with get_config().", lock_config=True
 )
 _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+_OVERWRITE = flags.DEFINE_boolean(
+    "overwrite", False, "Replace the --json file if it exists (refused otherwise)."
+)
 _REPEATS = flags.DEFINE_integer(
     "repeats", 5, "Timed windows per figure (the median is kept).", lower_bound=1
 )
@@ -217,17 +221,10 @@ def print_table(result: dict) -> None:
     )
 
 
-def json_path_problem(path: str) -> str | None:
-    """Why the results could not be written to ``path`` (checked before minutes of timing), or
-    None. Missing folders are fine: they are created."""
-    if os.path.isdir(path) or path.endswith(("/", os.sep)):
-        return f"--json {path} is a folder; name a file, e.g. --json {os.path.join(path, 'b.json')}"
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        return f"--json {path} cannot be written: {folder} is not a writable folder; choose another"
-    return None
+def _check_json(path: str) -> None:
+    """Exits with a user error if the results may not be written to ``path``."""
+    if problem := files.output_problem(path, "--json", overwrite=_OVERWRITE.value):
+        cli.fail(problem)
 
 
 def main(argv: list[str]) -> None:
@@ -235,8 +232,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
-    if _JSON.value and (problem := json_path_problem(_JSON.value)):
-        cli.fail(problem)
+    if _JSON.value:  # before minutes of timing
+        _check_json(_JSON.value)
     config = _CONFIG.value
     try:
         config_lib.validate(config)
@@ -245,6 +242,7 @@ def main(argv: list[str]) -> None:
     result = run(config, repeats=_REPEATS.value, steps=_STEPS.value)
     print_table(result)
     if _JSON.value:
+        _check_json(_JSON.value)  # again: the file may have appeared while timing
         files.write_json(_JSON.value, result)
 
 

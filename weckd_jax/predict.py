@@ -1,6 +1,7 @@
 """Class probabilities of new images from a trained run.
 
-    python -m weckd_jax.predict --workdir DIR --images PATH [--link N] [--output FILE.csv]
+    python -m weckd_jax.predict --workdir DIR --images PATH [--link N] [--output FILE.csv
+        [--overwrite]]
 
 ``PATH`` is one image or a folder searched recursively for image files (the extensions of
 `weckd_jax.data.folder.IMAGE_EXTENSIONS`, case-insensitive; hidden files and folders skipped).
@@ -11,13 +12,17 @@ chosen link (default: the last) restored from its final checkpoint
 
 Output: a short table on stdout and, with ``--output``, a CSV with the columns ``path``,
 ``predicted`` (a class name) and one probability column per class, headed by the class name, in
-the run's class order. Probabilities are written with six decimals.
+the run's class order. Probabilities are written with six decimals. An existing ``--output`` file
+is refused (before anything is classified) unless ``--overwrite`` is given.
 
 An image that cannot be decoded is **skipped** with a warning naming it on stderr, and is absent
 from the CSV; the exit status is then still 0 (the warning says how many were skipped). Exit
-status 2, with one message and no traceback, when: DIR has no ``results.json`` or the link has no
-final checkpoint, ``--link`` names a link the run does not have, no image is found under PATH, or
-no image could be decoded. Runs as a single process (any number of local devices).
+status 2, with one message and no traceback, when: DIR has no ``results.json`` (for a multi-seed
+experiment the message names its ``DIR/seed_<s>`` runs), the link has no final checkpoint or it
+cannot be read, the checkpoint's number of classes differs from the run's class names,
+``--link`` names a link the run does not have, no image is found under PATH, no image could be
+decoded, or ``--output`` is a folder or an existing file (without ``--overwrite``). Runs as a
+single process (any number of local devices).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 
 import jax
@@ -37,6 +43,7 @@ import numpy as np
 from weckd_jax import chain, checkpoints, files, ops, parallel
 from weckd_jax.data import folder
 from weckd_jax.data.folder import IMAGE_EXTENSIONS
+from weckd_jax.data.types import DataError
 
 __all__ = [
     "Prediction",
@@ -86,6 +93,15 @@ def load_results(workdir: str) -> dict:
     if not os.path.isdir(workdir):
         raise PredictError(f"workdir {workdir} does not exist")
     if not os.path.isfile(path):
+        seeds = sorted(
+            (n for n in os.listdir(workdir) if re.fullmatch(r"seed_\d+", n)),
+            key=lambda n: int(n[len("seed_") :]),
+        )
+        if seeds:
+            raise PredictError(
+                f"{workdir} holds a multi-seed experiment ({', '.join(seeds)}), one run per seed: "
+                f"point --workdir at one of them, e.g. --workdir {os.path.join(workdir, seeds[0])}"
+            )
         raise PredictError(
             f"{workdir} has no results.json: it is not a finished weckd_jax run. Point --workdir "
             "at the folder `python -m weckd_jax.launch --workdir DIR` wrote, after it finished."
@@ -153,6 +169,42 @@ def _decoder():
     return folder.decode_image
 
 
+def _reason(path: str, error: Exception) -> str:
+    """Why ``path`` could not be decoded, on one line: a `DataError`'s line for that file, without
+    the fix it ends with (that fix is about training data; predicting just skips the file)."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    detail = next((line for line in lines if line.startswith(f"{path}: ")), None)
+    if isinstance(error, DataError) and detail:
+        return detail[len(path) + 2 :]
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def _restore(workdir: str, name: str, mesh, image_shape: tuple[int, ...], class_names: list[str]):
+    """`chain.restore_finished`, with a damaged checkpoint, or one of a run with other classes,
+    as a `PredictError`."""
+
+    final = checkpoints.final_dir(workdir, name)
+    try:
+        spec, variables = chain.restore_finished(workdir, name, mesh, image_shape)
+    except Exception as e:  # orbax raises many kinds (KeyError, RuntimeError, ValueError, ...)
+        cause = e.__cause__ or e  # the reader's own error, when a wrapper names the fix too
+        detail = " ".join(f"{type(cause).__name__}: {cause}".split())
+        raise PredictError(
+            f"the final checkpoint {final} cannot be read ({detail[:300]}): it is damaged or "
+            f"incomplete. Pick another --link, or retrain {name}: move {final} and "
+            f"{os.path.join(workdir, 'jobs', name + '.json')} elsewhere, then rerun the run's "
+            f"`python -m weckd_jax.launch` command with --workdir {workdir}"
+        ) from None
+    if spec.num_classes != len(class_names):
+        raise PredictError(
+            f"the checkpoint {final} outputs {spec.num_classes} classes but "
+            f"{os.path.join(workdir, 'results.json')} names {len(class_names)} "
+            f"({', '.join(class_names)}): they are from different runs. Point --workdir at the "
+            "folder launch wrote, with its results.json and checkpoints unchanged"
+        )
+    return spec, variables
+
+
 def _batch_size(workdir: str, requested: int | None) -> int:
 
     size = requested
@@ -198,7 +250,7 @@ def predict(
     size, channels = int(data["image_size"]), int(data["channels"])
     name = link_name(workdir, results, link)
     mesh = parallel.data_mesh()
-    spec, variables = chain.restore_finished(workdir, name, mesh, (size, size, channels))
+    spec, variables = _restore(workdir, name, mesh, (size, size, channels), class_names)
     batch = _batch_size(workdir, batch_size)
     decode = _decoder()
 
@@ -209,7 +261,7 @@ def predict(
             try:
                 image = np.asarray(decode(path, image_size=size, channels=channels))
             except Exception as e:  # a corrupt or unsupported file: skip it, say which
-                reason = f"{type(e).__name__}: {' '.join(str(e).split())}"
+                reason = _reason(path, e)
                 skipped.append((path, reason))
                 if warn is not None:
                     warn(path, reason)
@@ -235,7 +287,7 @@ def predict(
     if not kept:
         raise PredictError(
             f"none of the {len(paths)} image(s) could be decoded (first: {skipped[0][0]}: "
-            f"{skipped[0][1]})"
+            f"{skipped[0][1]}); point --images at PNG, JPEG, BMP or TIFF files"
         )
     return Prediction(kept, np.concatenate(probs), class_names, name, skipped)
 
@@ -287,6 +339,9 @@ def _parser() -> argparse.ArgumentParser:
         "--output", default=None, help="CSV to write (path, predicted, one column per class)"
     )
     parser.add_argument(
+        "--overwrite", action="store_true", help="replace the --output file if it exists"
+    )
+    parser.add_argument(
         "--batch_size", type=int, default=None, help="default: the run's train.eval_batch_size"
     )
     return parser
@@ -300,17 +355,22 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
 
-    def warn(path: str, reason: str) -> None:
-        print(f"warning: skipped {path}, it cannot be decoded ({reason})", file=sys.stderr)
+    def output_problem() -> str | None:
+        if not args.output:
+            return None
+        return files.output_problem(args.output, "--output", overwrite=args.overwrite)
 
     try:
+        if problem := output_problem():  # before classifying anything
+            raise PredictError(problem)
         paths = find_images(args.images)
-        prediction = predict(
-            args.workdir, paths, link=args.link, batch_size=args.batch_size, warn=warn
-        )
+        prediction = predict(args.workdir, paths, link=args.link, batch_size=args.batch_size)
     except PredictError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # The skipped images are named once all are read: when none could be, the error says it once.
+    for path, reason in prediction.skipped:
+        print(f"warning: skipped {path}, it cannot be decoded ({reason})", file=sys.stderr)
     print(table(prediction))
     if prediction.skipped:
         print(
@@ -319,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     if args.output:
+        if problem := output_problem():  # again: the file may have appeared meanwhile
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         write_csv(args.output, prediction)
         print(f"wrote {args.output}")
     return 0

@@ -1,0 +1,59 @@
+"""Atomic writes (`weckd_jax.files`): the mode a plain open gives, and the output-path checks."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from weckd_jax import files
+
+
+@pytest.mark.parametrize(
+    "umask, mode",
+    [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)],
+    ids=["umask022", "umask002", "umask077"],
+)
+def test_written_files_get_the_mode_open_would_give(umask, mode, tmp_path):
+    old = os.umask(umask)
+    try:
+        files.write_json(str(tmp_path / "results.json"), {"a": 1})
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "results.json").st_mode) == mode
+    assert stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode) == mode
+
+
+def test_write_text_replaces_atomically_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "sub" / "report.md"
+    files.write_text(str(path), "old")
+    files.write_text(str(path), "new\n")
+    assert path.read_text() == "new\n"
+    assert os.listdir(tmp_path / "sub") == ["report.md"]
+    files.write_json(str(path), [1.5])
+    assert json.loads(path.read_text()) == [1.5]
+    with pytest.raises(ValueError):  # NaN is no JSON: nothing is written, the file is kept
+        files.write_json(str(path), [float("nan")])
+    assert json.loads(path.read_text()) == [1.5] and os.listdir(tmp_path / "sub") == ["report.md"]
+
+
+def test_output_problem(tmp_path):
+    taken = tmp_path / "taken.json"
+    taken.write_text("{}")
+    check = files.output_problem
+    assert check(str(tmp_path / "new" / "b.json"), "--json") is None  # folders are created
+    assert check(str(taken), "--json") == (
+        f"--json {taken} already exists; choose another path, or add --overwrite to replace it"
+    )
+    assert check(str(taken), "--json", overwrite=True) is None
+    assert (
+        check(str(tmp_path), "--output")
+        == f"--output {tmp_path} is a folder; name a file in it instead"
+    )
+    assert "is a folder" in check(str(tmp_path / "new") + "/", "--json", overwrite=True)
+    assert check(str(taken / "b.json"), "--json") == (
+        f"--json {taken / 'b.json'} cannot be written: {taken} is not a writable folder; "
+        "choose another"
+    )
