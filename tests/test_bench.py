@@ -86,3 +86,7 @@ def test_bench_command_line_mistakes_end_without_a_traceback(tmp_path):
         assert out.returncode != 0 and message in out.stderr, (args, out.stderr[-2000:])
         assert "Traceback" not in out.stderr, (args, out.stderr[-2000:])
     assert taken.read_text() == '{"keep": 1}'  # refused before any timing, left as it was
+    # Without --config, ml_collections applies overrides to the default as the flag is defined.
+    bare = run_python("-m", "weckd_jax.bench", "--config.trian.x=1", timeout=300)
+    assert bare.returncode == 2 and "did you mean 'train'?" in bare.stderr, bare.stderr[-2000:]
+    assert "Traceback" not in bare.stderr

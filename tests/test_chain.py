@@ -224,7 +224,7 @@ def test_a_damaged_final_checkpoint_is_named_with_the_fix(smoke_run, tmp_path):
     shutil.rmtree(tmp_path / "checkpoints" / "link_1" / "final" / "0" / "params")
     with pytest.raises(checkpoints.CheckpointError, match="final checkpoint of link_1") as error:
         chain.restore_finished(str(tmp_path), "link_1", parallel.data_mesh(), (32, 32, 3))
-    assert "delete that folder" in str(error.value)
+    assert "move that folder" in str(error.value)
     assert os.path.join(str(tmp_path), "jobs", "link_1.json") in str(error.value)
 
 

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from tests.conftest import REPO
 from weckd_jax import chain, evaluate
 from weckd_jax import data as data_lib
 
@@ -67,3 +68,13 @@ def test_the_trained_architecture_is_used_not_the_evaluation_configs(smoke_run):
     assert [r["metrics"]["accuracy"] for r in out["links"]] == [
         r["test"]["accuracy"] for r in results["links"]
     ]
+
+
+def test_a_mistyped_override_is_named_with_its_close_match(smoke_run, capsys):
+    _, workdir, _ = smoke_run
+    smoke = os.path.join(REPO, "configs", "smoke.py")
+    argv = ["evaluate", "--workdir", workdir, "--config", smoke, "--config.trian.epochs=1"]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--config.trian.epochs=1" in err and "did you mean 'train'?" in err
+    assert len(err.strip().splitlines()) == 1

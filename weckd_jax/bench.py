@@ -29,16 +29,13 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from weckd_jax import chain, cli, files, ops, parallel, train
 from weckd_jax import config as config_lib
 from weckd_jax.data import pipeline
 from weckd_jax.data.synthetic import generate
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", config_lib.__file__, "Config file with get_config().", lock_config=True
-)
+_CONFIG = cli.define_config_file(config_lib.__file__)
 _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
 _OVERWRITE = flags.DEFINE_boolean(
     "overwrite", False, "Replace the --json file if it exists (refused otherwise)."

@@ -93,10 +93,10 @@ def _unreadable(workdir: str, name: str, error: Exception) -> CheckpointError:
     reason = text.splitlines()[0] if text else type(error).__name__
     return CheckpointError(
         f"the final checkpoint of {name} ({final_dir(workdir, name)}) cannot be read: {reason}. "
-        "It was damaged or partly deleted. Fix: delete that folder and "
-        f"{os.path.join(workdir, 'jobs', name + '.json')}, then rerun the same launch command: "
-        f"{name} is trained again (the same config and seed give the same weights on the same "
-        "machine)."
+        "It was damaged or partly deleted. Fix: move that folder and "
+        f"{os.path.join(workdir, 'jobs', name + '.json')} aside, then rerun the same launch "
+        f"command: {name} is trained again (the same config and seed give the same weights on "
+        "the same machine)."
     )
 
 

@@ -340,15 +340,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
-        cli.load_config_arg(argv)  # a missing or broken config file, in one line
+        config = cli.load_config_arg(argv)  # a missing or broken config file, in one line
+        if config is not None and (problem := cli.override_problem(config, argv)):
+            return fail(problem)
         extra = values(argv)
     except config_lib.ConfigError as e:
         return fail(str(e))
-    except (AttributeError, KeyError) as e:
-        return fail(
-            f"unknown config key {str(e).strip(chr(34) + chr(39))!r}: the config has no "
-            "such key (all keys are listed in weckd_jax/config.py)"
-        )
+    except (AttributeError, KeyError) as e:  # what override_problem did not foresee
+        return fail(f"unknown config key in a --config.KEY override: {' '.join(str(e).split())}")
     except flags.Error as e:
         return fail(str(e))
     if len(extra) > 1:

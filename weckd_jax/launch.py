@@ -23,7 +23,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from weckd_jax import chain, cli, distributed, ops
+from weckd_jax import chain, checkpoints, cli, distributed, ops
 from weckd_jax import config as config_lib
 from weckd_jax.data import DataError
 from weckd_jax.data.splits import SplitError
@@ -35,7 +35,13 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
 
-USER_ERRORS = (config_lib.ConfigError, DataError, SplitError, chain.DivergenceError)
+USER_ERRORS = (
+    config_lib.ConfigError,
+    DataError,
+    SplitError,
+    chain.DivergenceError,
+    checkpoints.CheckpointError,
+)
 
 
 def default_workdir(config_path: str) -> str:
