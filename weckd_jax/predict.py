@@ -226,7 +226,6 @@ def predict(
     *,
     link: int | None = None,
     batch_size: int | None = None,
-    warn=None,
 ) -> Prediction:
     """Classifies the images at ``paths`` with link ``link`` (default: the last) of ``workdir``.
 
@@ -236,7 +235,6 @@ def predict(
       link: the link number, 1-based.
       batch_size: images per evaluation batch (default: the run's ``train.eval_batch_size``),
         rounded up to a multiple of the device count.
-      warn: ``warn(path, reason)`` called for each image that cannot be decoded (skipped).
 
     Raises:
       PredictError: see the module docstring.
@@ -263,8 +261,6 @@ def predict(
             except Exception as e:  # a corrupt or unsupported file: skip it, say which
                 reason = _reason(path, e)
                 skipped.append((path, reason))
-                if warn is not None:
-                    warn(path, reason)
                 continue
             if image.shape != (size, size, channels) or image.dtype != np.uint8:
                 raise RuntimeError(
