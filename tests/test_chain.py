@@ -164,39 +164,61 @@ def test_data_fingerprint_sees_pixels_labels_groups_and_classes():
     assert fingerprint(data) == fingerprint(same)
     images = data.images.copy()
     images[3, 2, 1, 0] ^= 1
+    repixelled = fingerprint(dataclasses.replace(data, images=images))
+    assert repixelled["examples"] == fingerprint(data)["examples"]
+    assert repixelled["pixels"] != fingerprint(data)["pixels"]
     labels = data.labels.copy()
     labels[0] = (labels[0] + 1) % data.num_classes
     groups = data.groups.copy()
     groups[0] = groups.max() + 1
     names = ("x",) + data.class_names[1:]
     changed = [
-        dataclasses.replace(data, images=images),
         dataclasses.replace(data, labels=labels),
         dataclasses.replace(data, groups=groups),
         dataclasses.replace(data, class_names=names),
         data.take(np.arange(39)),
     ]
-    prints = {fingerprint(d) for d in changed}
-    assert len(prints) == len(changed) and fingerprint(data) not in prints
+    prints = {fingerprint(d)["examples"] for d in changed}
+    assert len(prints) == len(changed) and fingerprint(data)["examples"] not in prints
 
 
-def test_resuming_on_other_data_is_refused(smoke_run, tmp_path, monkeypatch):
-    # The state after a crash in link 2: config.json and data.json are bound to the old data.
+def _bound_copy(smoke_run, tmp_path):
+    """A workdir bound to the smoke run's config and data, as after a crash in link 1."""
     config, workdir, _ = smoke_run
     for name in ("config.json", "data.json"):
         shutil.copy(os.path.join(workdir, name), tmp_path / name)
     from weckd_jax import data as data_lib
 
-    original = data_lib.load(config.data, seed=config.seed)
+    return config, data_lib.load(config.data, seed=config.seed)
+
+
+def test_resuming_on_other_data_is_refused(smoke_run, tmp_path, monkeypatch):
+    config, original = _bound_copy(smoke_run, tmp_path)
     labels = original.labels.copy()
     labels[0] = (labels[0] + 1) % original.num_classes  # one image relabelled
     monkeypatch.setattr(
         chain.data_lib, "load", lambda *a, **k: dataclasses.replace(original, labels=labels)
     )
-    with pytest.raises(DataError, match="holds a run on other data"):
+    with pytest.raises(DataError, match="holds a run on other data: the same number of images"):
         chain.run(config, str(tmp_path), Progress(enabled=False))
     assert sorted(os.listdir(tmp_path)) == ["config.json", "data.json"]  # nothing trained
-    chain.bind_workdir(config, str(tmp_path), original, writer=True)  # the same data is accepted
+    fewer = original.take(np.arange(len(original) - 1))
+    with pytest.raises(DataError, match=f"started on {len(original)} images, the data has"):
+        chain.bind_workdir(config, str(tmp_path), fewer, writer=True)
+    # The same data is accepted without a word.
+    assert chain.bind_workdir(config, str(tmp_path), original, writer=True) is None
+
+
+def test_resuming_on_the_same_examples_with_other_pixels_warns(smoke_run, tmp_path):
+    # E.g. a preempted job resumed on another CPU type, whose numpy rounds the synthetic
+    # images differently: the same examples and splits, so the run goes on.
+    config, original = _bound_copy(smoke_run, tmp_path)
+    images = original.images.copy()
+    images[0, 0, 0, 0] ^= 1
+    warning = chain.bind_workdir(
+        config, str(tmp_path), dataclasses.replace(original, images=images), writer=True
+    )
+    assert warning.startswith("warning: the images decode to other pixels")
 
 
 def test_a_run_stopped_by_bad_data_leaves_the_workdir_unbound(tmp_path, monkeypatch):

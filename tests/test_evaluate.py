@@ -2,9 +2,11 @@
 evaluations that are never silently replaced, and the trained architecture over the evaluation
 config's own model keys."""
 
+import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
 
 from tests.conftest import REPO
@@ -50,7 +52,7 @@ def test_an_evaluation_with_another_config_is_not_overwritten(smoke_run):
     again = evaluate.evaluate_workdir(workdir, config, split="all", name="hospital")
     assert again["links"] == first["links"]
     kept = evaluate.evaluate_workdir(workdir, other, split="all", name="hospital-b")
-    assert kept["data"]["same_data_as_run"] is False and kept["data"]["in_run_train_pool"] == 0
+    assert kept["data"]["same_data_as_run"] is False and kept["data"]["in_run_train_pool"] is None
     assert os.path.isfile(first["path"]) and os.path.isfile(kept["path"])
 
 
@@ -78,3 +80,27 @@ def test_a_mistyped_override_is_named_with_its_close_match(smoke_run, capsys):
     err = capsys.readouterr().err
     assert "--config.trian.epochs=1" in err and "did you mean 'train'?" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_changed_data_under_the_run_config_is_flagged_not_counted(smoke_run):
+    config, workdir, _ = smoke_run
+    with open(os.path.join(workdir, "config.json")) as f:
+        run_config = json.load(f)
+    data = data_lib.load(config.data, seed=config.seed)
+    index = np.arange(len(data))
+    grown = data.take(np.concatenate([index, index[:1]]))  # an image added to the folder
+    record, note = evaluate._overlap(workdir, run_config, config, grown, index)
+    assert record == {"same_data_as_run": False, "in_run_train_pool": None, "in_run_val": None}
+    assert "changed since the run" in note
+    # The run's own images, decoded with other rounding (another CPU or Pillow): still counted.
+    images = data.images.copy()
+    images[0, 0, 0, 0] ^= 1
+    repixelled = dataclasses.replace(data, images=images)
+    record, note = evaluate._overlap(workdir, run_config, config, repixelled, index)
+    splits = chain.make_run_splits(config, data)
+    assert record == {
+        "same_data_as_run": True,
+        "in_run_train_pool": len(splits.train),
+        "in_run_val": len(splits.val),
+    }
+    assert note is None

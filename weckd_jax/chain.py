@@ -472,19 +472,19 @@ def plan_jobs(config, splits: Splits, num_classes: int) -> list[Job]:
 
 
 def data_record(data: ImageSet) -> dict:
-    """What ``data.json`` holds: the data's fingerprint (`data.types.fingerprint`), size and
-    classes."""
+    """What ``data.json`` holds: the data's fingerprint (`data.types.fingerprint`: ``examples``
+    and ``pixels`` digests), image count and classes."""
     return {
-        "fingerprint": data_types.fingerprint(data),
+        **data_types.fingerprint(data),
         "images": len(data),
         "class_names": list(data.class_names),
     }
 
 
-def check_workdir(config, workdir: str, data: dict | None = None) -> None:
+def check_workdir(config, workdir: str, data: dict | None = None) -> str | None:
     """Refuses a workdir that holds a run with another config (``config.json``) or, given the
-    `data_record` of the data loaded now, on other data (``data.json``): resuming it would mix two
-    experiments."""
+    `data_record` of the data loaded now, on other examples (``data.json``): resuming it would mix
+    two experiments. Returns a warning when only the decoded pixels differ (same examples)."""
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -497,35 +497,49 @@ def check_workdir(config, workdir: str, data: dict | None = None) -> None:
                 f"({path})."
             )
     path = os.path.join(workdir, "data.json")
-    if data is not None and os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        if saved["fingerprint"] != data["fingerprint"]:
-            raise DataError(
-                f"{workdir} holds a run on other data: it started on {saved['images']} images "
-                f"of classes {', '.join(saved['class_names'])}, and the data loaded now "
-                f"({data['images']} images of classes {', '.join(data['class_names'])}) "
-                "differs in images, labels or groups. Resuming would mix two experiments (a "
-                "finished link could even have trained on what is now test data). Use a new "
-                "--workdir for the new data, or restore the data the run started on."
+    if data is None or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("examples", data["examples"]) != data["examples"]:
+        if saved.get("images") != data["images"]:
+            what = f"it started on {saved.get('images')} images, the data has {data['images']} now"
+        elif saved.get("class_names") != data["class_names"]:
+            what = (
+                f"its classes were {', '.join(saved.get('class_names', []))}, they are "
+                f"{', '.join(data['class_names'])} now"
             )
+        else:
+            what = "the same number of images now carries other labels, groups or fixed splits"
+        raise DataError(
+            f"{workdir} holds a run on other data: {what}. Resuming would mix two experiments "
+            "(a finished link could even have trained on what is now test data). Use a new "
+            "--workdir for the new data, or restore the data the run started on."
+        )
+    if saved.get("pixels", data["pixels"]) != data["pixels"]:
+        return (
+            f"warning: the images decode to other pixels than when the run in {workdir} "
+            "started (same images, labels and groups, so the same splits): another CPU, numpy "
+            "or Pillow version rounds differently, or images were edited in place. Resuming."
+        )
+    return None
 
 
-def bind_workdir(config, workdir: str, data: ImageSet, writer: bool) -> None:
-    """`check_workdir`, then writes ``config.json`` and ``data.json`` where they are missing.
-    Called once the data has passed its checks, so a run that stops on a config or data error
-    leaves the workdir free for the corrected command."""
+def bind_workdir(config, workdir: str, data: ImageSet, writer: bool) -> str | None:
+    """`check_workdir` (returning its warning), then writes ``config.json`` and ``data.json``
+    where they are missing. Called once the data has passed its checks, so a run that stops on a
+    config or data error leaves the workdir free for the corrected command."""
     record = data_record(data)
-    check_workdir(config, workdir, record)
-    if not writer:
-        return
-    os.makedirs(workdir, exist_ok=True)
-    for name, value in (
-        ("config.json", json.loads(config.to_json_best_effort())),
-        ("data.json", record),
-    ):
-        if not os.path.exists(os.path.join(workdir, name)):
-            files.write_json(os.path.join(workdir, name), value)
+    warning = check_workdir(config, workdir, record)
+    if writer:
+        os.makedirs(workdir, exist_ok=True)
+        for name, value in (
+            ("config.json", json.loads(config.to_json_best_effort())),
+            ("data.json", record),
+        ):
+            if not os.path.exists(os.path.join(workdir, name)):
+                files.write_json(os.path.join(workdir, name), value)
+    return warning
 
 
 def run(
@@ -561,7 +575,9 @@ def run(
             test_fraction=config.data.test_fraction,
             fraction=config.chain.fraction,
         )
-        bind_workdir(config, workdir, data, writer)
+        warning = bind_workdir(config, workdir, data, writer)
+    if warning:
+        progress.print(warning)
     report.print_data_summary(progress, data, splits)
     mesh = parallel.data_mesh()
     jobs = plan_jobs(config, splits, data.num_classes)

@@ -1,6 +1,6 @@
-"""What the command-line tools share: plain user errors, absl flag parsing that reports a bad
-config file or a ``--config.key`` override naming no key in one line, the check of ``--workdir``,
-and the message for Ctrl-C. Defines no flags itself."""
+"""What the command-line tools share: plain user errors, the ``--config`` flag and absl flag
+parsing that report a bad config file or a ``--config.key`` override naming no key in one line,
+the check of ``--workdir``, and the message for Ctrl-C."""
 
 from __future__ import annotations
 
@@ -40,15 +40,20 @@ def _args(argv: list[str]) -> list[str]:
 
 
 def config_path(argv: list[str], name: str = "config") -> str | None:
-    """The value of the last ``--config FILE`` / ``--config=FILE`` of ``argv``, or None."""
-    path, args = None, _args(argv)
+    """The value of ``--config FILE`` / ``--config=FILE`` in ``argv``, or None; a second
+    ``--config`` is a `ConfigError` (overrides would apply to both files)."""
+    paths, args = [], _args(argv)
     for i, arg in enumerate(args):
         for flag in (f"--{name}", f"-{name}"):
             if arg == flag and i + 1 < len(args):
-                path = args[i + 1]
+                paths.append(args[i + 1])
             elif arg.startswith(flag + "="):
-                path = arg[len(flag) + 1 :]
-    return path
+                paths.append(arg[len(flag) + 1 :])
+    if len(paths) > 1:
+        raise config_lib.ConfigError(
+            f"--{name} is given {len(paths)} times ({', '.join(paths)}); give it once"
+        )
+    return paths[0] if paths else None
 
 
 def load_config_arg(argv: list[str], name: str = "config"):
@@ -101,13 +106,14 @@ def define_config_file(default: str):
     `parse_flags` to read. Without ``--config`` on the command line, ml_collections loads the
     default and applies the ``--config.KEY`` overrides while the flag is defined, so they are
     checked here first."""
-    if config_path(sys.argv) is None and _overrides(sys.argv):
-        try:
+    try:
+        given = config_path(sys.argv)
+        if given is None and _overrides(sys.argv):
             problem = override_problem(config_lib.load_file(default), sys.argv)
-        except config_lib.ConfigError as e:
-            problem = str(e)
-        if problem:
-            fail(problem)
+            if problem:
+                fail(problem)
+    except config_lib.ConfigError as e:
+        fail(str(e))
     return config_flags.DEFINE_config_file(
         "config", default, "Config file with get_config().", lock_config=True
     )

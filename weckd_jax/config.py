@@ -11,6 +11,7 @@ import importlib.util
 import math
 import os
 import re
+import sys
 import traceback
 
 import ml_collections
@@ -146,6 +147,9 @@ def load_file(path: str) -> ml_collections.ConfigDict:
     name = "weckd_config_" + re.sub(r"\W", "_", os.path.abspath(file))
     loader = importlib.machinery.SourceFileLoader(name, file)
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+    # Registered while it runs, as ml_collections' loader does: dataclasses and other code that
+    # looks itself up in sys.modules fail otherwise.
+    sys.modules[name] = module
     try:
         loader.exec_module(module)
     except SyntaxError as e:
@@ -154,6 +158,8 @@ def load_file(path: str) -> ml_collections.ConfigDict:
         ) from None
     except Exception as e:
         raise failed("running it failed", e) from None
+    finally:
+        sys.modules.pop(name, None)
     if not callable(getattr(module, "get_config", None)):
         raise ConfigError(
             f"config file {file} defines no get_config(); a config file must define get_config() "
@@ -277,7 +283,8 @@ def validate(config, workdir: str | None = None) -> None:
             f"data.difficulty={c.data.difficulty} must be >= 0 (0 = clean images, 1 = default)",
         )
     if workdir is not None and c.data.source == "folder" and c.data.root:
-        root, inside = os.path.realpath(c.data.root), os.path.realpath(workdir)
+        root = os.path.realpath(os.path.expanduser(c.data.root.strip()))
+        inside = os.path.realpath(os.path.expanduser(workdir))
         need(
             os.path.commonpath([root, inside]) != root,
             f"--workdir {workdir} is inside data.root={c.data.root}: the run's files would be "

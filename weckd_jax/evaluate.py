@@ -101,28 +101,50 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
-def _overlap(workdir: str, run_config: dict | None, data, index: np.ndarray) -> dict:
-    """What the run in ``workdir`` did with ``data.images[index]``: ``same_data_as_run`` (the
-    data is the run's own), ``in_run_train_pool`` and ``in_run_val`` (how many of the images the
-    run trained on, or chose its epochs on); counts are ``None`` when unknown (a run without
-    ``data.json``).
+def _overlap(workdir: str, run_config: dict | None, config, data, index: np.ndarray):
+    """What the run in ``workdir`` did with ``data.images[index]``, and a note when that is unknown.
 
-    The data is the run's own exactly when its fingerprint equals the one in the run's
-    ``data.json``; the run's splits are then recomputed from its saved config, so another split,
-    seed or fraction in the evaluation config cannot hide an overlap. (Other data that shares
-    some images with the run's is not detected.)
+    Returns ``(record, note)``: ``record`` holds ``same_data_as_run`` and the counts
+    ``in_run_train_pool`` and ``in_run_val`` (evaluated images the run trained on, or chose its
+    epochs on; ``None`` when unknown). The data is the run's own when its digests
+    (`data.types.fingerprint`) equal those in the run's ``data.json`` -- or, if only the pixels
+    differ (another CPU, numpy or Pillow version), when this config names the same source. The
+    run's splits are then recomputed from its saved config, so another split, seed or fraction in
+    the evaluation config cannot hide an overlap. Other data that shares some images with the
+    run's is not detected.
     """
+    unknown = {"same_data_as_run": None, "in_run_train_pool": None, "in_run_val": None}
     saved = _read_json(os.path.join(workdir, "data.json"))
-    if saved is None or run_config is None:
-        return {"same_data_as_run": None, "in_run_train_pool": None, "in_run_val": None}
-    if saved["fingerprint"] != chain.data_record(data)["fingerprint"]:
-        return {"same_data_as_run": False, "in_run_train_pool": 0, "in_run_val": 0}
+    if saved is None or run_config is None or "examples" not in saved:
+        return unknown, (
+            "this run keeps no record of its data (config.json or data.json is missing: it "
+            "predates them), so whether these images overlap its training and validation images "
+            "is unknown"
+        )
+    ignored = ("image_size", "channels", "cache_dir")  # set by evaluate, or no effect
+
+    def source(c: dict) -> tuple:
+        return c["seed"], {k: v for k, v in c["data"].items() if k not in ignored}
+
+    same_source = source(run_config) == source(json.loads(config.to_json_best_effort()))
+    record = chain.data_record(data)
+    other = {**unknown, "same_data_as_run": False}
+    if saved["examples"] != record["examples"]:
+        if same_source:
+            return other, (
+                "this config names the run's data, but it changed since the run (other images, "
+                "labels or groups): which of these images the run trained on cannot be counted, "
+                "and these metrics may be optimistic"
+            )
+        return other, None
+    if saved["pixels"] != record["pixels"] and not same_source:
+        return other, None  # e.g. synthetic images of another difficulty: other images
     splits = chain.make_run_splits(ml_collections.ConfigDict(run_config), data)
     return {
         "same_data_as_run": True,
         "in_run_train_pool": int(np.isin(index, splits.train).sum()),
         "in_run_val": int(np.isin(index, splits.val).sum()),
-    }
+    }, None
 
 
 def _refuse_overwrite(path: str, config_json: dict) -> None:
@@ -158,7 +180,8 @@ def evaluate_workdir(
 
     Raises:
       EvaluateError, weckd_jax.config.ConfigError, weckd_jax.data.DataError,
-      weckd_jax.data.splits.SplitError: with a message naming the problem.
+      weckd_jax.data.splits.SplitError, weckd_jax.checkpoints.CheckpointError: with a message
+        naming the problem.
     """
 
     if split not in SPLITS:
@@ -204,7 +227,7 @@ def evaluate_workdir(
         raise EvaluateError(f"the {split} split of {name} is empty")
     path = os.path.join(workdir, "evaluations", f"{name}-{split}.json")
     _refuse_overwrite(path, json.loads(config.to_json_best_effort()))
-    overlap = _overlap(workdir, run_config, data, index)
+    overlap, overlap_note = _overlap(workdir, run_config, config, data, index)
     # The new data in the trained class order: probabilities column k = trained class k.
     labels = label_map[data.labels]
     data = data_lib.ImageSet(images=data.images, labels=labels, class_names=tuple(trained_names))
@@ -222,11 +245,8 @@ def evaluate_workdir(
             f"{n_val} of the {len(index)} images are in this run's val split, which chose each "
             "model's epoch: these metrics are optimistic; report test"
         )
-    if overlap["same_data_as_run"] is None:
-        notes.append(
-            "this run has no data.json (it predates it), so whether these images overlap its "
-            "training and validation images is unknown"
-        )
+    if overlap_note:
+        notes.append(overlap_note)
     if config.data.source == "synthetic":
         notes.append("the data is synthetic: no clinical conclusion can be drawn")
     for note in notes:
@@ -365,7 +385,13 @@ def main(argv: list[str] | None = None) -> int:
             name=name,
             progress=Progress(),
         )
-    except (EvaluateError, config_lib.ConfigError, DataError, SplitError) as e:
+    except (
+        EvaluateError,
+        config_lib.ConfigError,
+        DataError,
+        SplitError,
+        checkpoints.CheckpointError,
+    ) as e:
         return fail(str(e))
     return 0
 

@@ -68,15 +68,22 @@ class ImageSet:
         )
 
 
-def fingerprint(data: ImageSet) -> str:
-    """SHA-256 of everything a run reads from ``data``: class names, labels, groups, fixed splits
-    and the decoded pixels. Equal iff a run on either would see the same examples."""
-    digest = hashlib.sha256(repr((data.class_names, data.images.shape)).encode())
-    for value in (data.labels, data.groups, data.split, data.images):
+def fingerprint(data: ImageSet) -> dict[str, str]:
+    """SHA-256 digests of what a run reads from ``data``, in two parts:
+
+    * ``examples``: class names, image count and shape, labels, groups and fixed splits -- all
+      that the splits and chain fractions are computed from. Equal iff a run's splits are the
+      same examples.
+    * ``pixels``: the decoded images. These can differ by rounding for the same files or the same
+      synthetic seed on another CPU, numpy or Pillow version.
+    """
+    examples = hashlib.sha256(repr((data.class_names, data.images.shape)).encode())
+    for value in (data.labels, data.groups, data.split):
         if value is None:
-            digest.update(b"none")
+            examples.update(b"none")
         elif value.dtype.kind in "OUS":  # strings: their text, not object pointers
-            digest.update("\0".join(map(str, value)).encode())
+            examples.update("\0".join(map(str, value)).encode())
         else:
-            digest.update(np.ascontiguousarray(value).data)
-    return digest.hexdigest()
+            examples.update(np.ascontiguousarray(value).data)
+    pixels = hashlib.sha256(np.ascontiguousarray(data.images).data)
+    return {"examples": examples.hexdigest(), "pixels": pixels.hexdigest()}
