@@ -227,9 +227,10 @@ def test_damaged_checkpoint_names_it_and_the_fix(smoke_run, images, tmp_path, ca
     code, out, err = _run(["--workdir", fake, "--images", paths[0]], capsys)
     assert code == 2 and out == "" and "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"error: the final checkpoint {final} cannot be read (")
-    assert "params" in last and "Pick another --link, or retrain link_2: move" in last
-    assert f"rerun the run's `python -m weckd_jax.launch` command with --workdir {fake}" in last
+    assert last.startswith(f"error: the final checkpoint of link_2 ({final}) cannot be read (")
+    assert "params" in last and "move that folder and" in last
+    assert os.path.join(fake, "jobs", "link_2.json") in last
+    assert last.endswith("Or pick another --link.")
 
 
 def test_multi_seed_workdir_names_its_seed_runs(images, tmp_path, capsys):

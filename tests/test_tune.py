@@ -168,7 +168,7 @@ def test_best_config_reproduces_the_best_trial(search, tmp_path):
     study = tune.open_study(config, str(workdir))
     best = study.best_trial
     assert best.value == max(t.value for t in study.get_trials(states=(TrialState.COMPLETE,)))
-    best_config = tune.load_config_file(str(workdir / "best_config.py"))
+    best_config = config_lib.load_file(str(workdir / "best_config.py"))
     assert best_config.train.learning_rate == best.params["train.learning_rate"]
     assert best_config.distill.alpha == best.params["distill.alpha"]
     assert best_config.baselines.union_supervised is True  # as the search's config says

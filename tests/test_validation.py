@@ -156,9 +156,14 @@ def test_an_unusable_workdir_is_named_and_nothing_is_left_behind(tmp_path):
     a_file = tmp_path / "taken"
     a_file.write_text("")
     assert cli.workdir_problem(str(a_file)) == (
-        f"--workdir {a_file} is a file, not a folder; choose another --workdir"
+        f"--workdir {a_file} is a file or a broken link, not a folder; choose another"
     )
-    assert f"cannot be made: {a_file} is a file" in cli.workdir_problem(str(a_file / "run"))
+    assert f"cannot be made: {a_file} is not a folder" in cli.workdir_problem(str(a_file / "run"))
+    broken = tmp_path / "broken"
+    broken.symlink_to(tmp_path / "gone")
+    assert "a broken link" in cli.workdir_problem(str(broken))
+    assert f"{broken} is not a folder" in cli.workdir_problem(str(broken / "run"))
+    broken.unlink()
     if os.path.isdir("/proc/self"):  # no folder can be made in /proc, even by root
         assert "no folder can be created in /proc" in cli.workdir_problem("/proc/weckd")
     assert cli.workdir_problem(str(tmp_path / "new" / "run")) is None
@@ -225,7 +230,7 @@ def test_every_tool_reports_a_bad_config_file_or_key_in_one_line(tmp_path):
         (["weckd_jax.launch", "--config.trian.epochs=1", workdir], "did you mean 'train'?"),
         (["weckd_jax.tune", "--config.train.epoch=1", workdir, "--trials=1"], "'train.epochs'?"),
         (["weckd_jax.launch", "--config=configs/smoke.py", f"--workdir={tmp_path / 'a_file'}"],
-         "a_file is a file, not a folder"),
+         "a_file is a file or a broken link, not a folder"),
     ]  # fmt: skip
     procs = [
         subprocess.Popen(

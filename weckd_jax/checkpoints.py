@@ -89,14 +89,15 @@ class CheckpointError(Exception):
 
 
 def _unreadable(workdir: str, name: str, error: Exception) -> CheckpointError:
-    text = str(error).strip()
-    reason = text.splitlines()[0] if text else type(error).__name__
+    text = " ".join(str(error).split())
+    reason = type(error).__name__ + (f": {text[:160]}" if text else "")
     return CheckpointError(
-        f"the final checkpoint of {name} ({final_dir(workdir, name)}) cannot be read: {reason}. "
-        "It was damaged or partly deleted. Fix: move that folder and "
-        f"{os.path.join(workdir, 'jobs', name + '.json')} aside, then rerun the same launch "
-        f"command: {name} is trained again (the same config and seed give the same weights on "
-        "the same machine)."
+        f"the final checkpoint of {name} ({final_dir(workdir, name)}) cannot be read ({reason}): "
+        "it was damaged or partly deleted. Fix: move that folder and "
+        f"{os.path.join(workdir, 'jobs', name + '.json')} aside and rerun the same launch "
+        f"command, which trains {name} again (or resumes it from its in-training checkpoint). "
+        "The links after it learnt from the damaged one: move theirs aside too, or start a new "
+        "--workdir, to keep the chain consistent."
     )
 
 

@@ -13,6 +13,7 @@ from absl import flags
 from ml_collections import ConfigDict, config_flags
 
 from weckd_jax import config as config_lib
+from weckd_jax import files
 
 INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as shells report it
 
@@ -25,6 +26,8 @@ def fail(message: str) -> None:
 
 def interrupted(message: str) -> None:
     """Prints one line for a Ctrl-C (``message``: what is kept, how to resume), exits with 130."""
+    if sys.stdout.isatty():
+        print(file=sys.stdout, flush=True)  # ends a progress line being rewritten in place
     print(f"interrupted: {message}", file=sys.stderr)
     sys.exit(INTERRUPTED)
 
@@ -142,18 +145,17 @@ def parse_flags(argv: list[str]) -> list[str]:
 def workdir_problem(path: str) -> str | None:
     """Why ``path`` cannot be a run's folder (a file; a place where no folder can be made), or
     None. Leaves nothing behind: a folder made to test the place is removed at once."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        return f"--workdir {path} is a file, not a folder; choose another --workdir"
-    folder = os.path.abspath(path)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return f"--workdir {path} is a file or a broken link, not a folder; choose another"
+    folder = files.nearest_existing(path)
     if not os.path.isdir(folder):
-        return f"--workdir {path} cannot be made: {folder} is a file; choose another --workdir"
+        return f"--workdir {path} cannot be made: {folder} is not a folder; choose another"
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".weckd-probe-", dir=folder))
     except OSError as e:
+        where = "is not writable" if folder == os.path.abspath(path) else "cannot be made"
         return (
-            f"--workdir {path} cannot be made: no folder can be created in {folder} "
-            f"({e.strerror}); choose another --workdir"
+            f"--workdir {path} {where}: no folder can be created in {folder} ({e.strerror}); "
+            "choose another --workdir"
         )
     return None

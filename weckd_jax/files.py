@@ -37,6 +37,14 @@ def write_json(path: str, value) -> None:
     write_text(path, json.dumps(value, indent=2, allow_nan=False) + "\n")
 
 
+def nearest_existing(path: str) -> str:
+    """The absolute ``path``, or its nearest ancestor that exists (a broken link counts)."""
+    folder = os.path.abspath(path)
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    return folder
+
+
 def output_problem(path: str, flag: str, *, overwrite: bool = False) -> str | None:
     """Why a tool should not write its output to ``path`` (given as ``flag``), or None.
 
@@ -49,9 +57,7 @@ def output_problem(path: str, flag: str, *, overwrite: bool = False) -> str | No
         return (
             f"{flag} {path} already exists; choose another path, or add --overwrite to replace it"
         )
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
+    folder = nearest_existing(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
         return f"{flag} {path} cannot be written: {folder} is not a writable folder; choose another"
     return None

@@ -186,15 +186,8 @@ def _restore(workdir: str, name: str, mesh, image_shape: tuple[int, ...], class_
     final = checkpoints.final_dir(workdir, name)
     try:
         spec, variables = chain.restore_finished(workdir, name, mesh, image_shape)
-    except Exception as e:  # orbax raises many kinds (KeyError, RuntimeError, ValueError, ...)
-        cause = e.__cause__ or e  # the reader's own error, when a wrapper names the fix too
-        detail = " ".join(f"{type(cause).__name__}: {cause}".split())
-        raise PredictError(
-            f"the final checkpoint {final} cannot be read ({detail[:300]}): it is damaged or "
-            f"incomplete. Pick another --link, or retrain {name}: move {final} and "
-            f"{os.path.join(workdir, 'jobs', name + '.json')} elsewhere, then rerun the run's "
-            f"`python -m weckd_jax.launch` command with --workdir {workdir}"
-        ) from None
+    except checkpoints.CheckpointError as e:
+        raise PredictError(f"{e} Or pick another --link.") from None
     if spec.num_classes != len(class_names):
         raise PredictError(
             f"the checkpoint {final} outputs {spec.num_classes} classes but "

@@ -543,12 +543,6 @@ def best_config_value(config, key: str):
     return node
 
 
-def load_config_file(path: str):
-    """``get_config()`` of a config file (e.g. ``DIR/best_config.py``); `ConfigError` when the
-    file cannot be used."""
-    return config_lib.load_file(path)
-
-
 def run(
     config,
     workdir: str,
@@ -709,8 +703,8 @@ def main_cli() -> None:
         except KeyboardInterrupt:
             cli.interrupted(
                 f"the finished trials are kept in {os.path.join(workdir_flag.value, 'study.db')} "
-                "(the interrupted one is not counted), the run of the best config its finished "
-                "links and last in-training checkpoint; rerun the same command to resume"
+                "(the interrupted one is not counted), and so are the finished links and the last "
+                "in-training checkpoint of the best config's run; rerun the same command to resume"
             )
 
     app.run(main, flags_parser=cli.parse_flags)
