@@ -43,6 +43,12 @@ def _tune_cmd(workdir, *extra, space=SPACE):
     ]
 
 
+def _bind(config, workdir):
+    """Binds ``workdir`` to ``config`` and its data as `tune.run` binds a new study, so that
+    trials can be queued in the study before it runs."""
+    chain.bind_workdir(config, str(workdir), chain.load_checked(config)[0], writer=True)
+
+
 def _trials(workdir, config):
     study = tune.open_study(config, str(workdir))
     return {t.number: t for t in study.get_trials()}
@@ -224,7 +230,7 @@ def test_link_objective_stops_after_the_link_and_matches_the_full_chain(search, 
     config = search_config()
     config.tune.objective = "link"
     config.tune.link = 1
-    tune.bind_study_dir(config, str(tmp_path))
+    _bind(config, tmp_path)
     tune.open_study(config, str(tmp_path)).enqueue_trial(reference.params)
     out = tune.run(config, str(tmp_path), 1, evaluate_best=False, say=lambda _: None)
     assert out["best_value"] == reference.user_attrs["val_accuracy_per_link"]["1"]
@@ -266,7 +272,7 @@ def test_median_pruner_steps_across_links(tmp_path, monkeypatch):
     config.train.epochs = 3
     config.train.eval_every = 1
     config.tune.prune_after_trials = 1
-    tune.bind_study_dir(config, str(tmp_path))
+    _bind(config, tmp_path)
     study = tune.open_study(config, str(tmp_path))
     for lr in (6e-3, 2e-3, 9.5e-3, 7e-3):
         study.enqueue_trial({"train.learning_rate": lr})
@@ -439,3 +445,30 @@ def test_cli_user_errors_exit_2_without_traceback(search, tmp_path):
         if workdir is not None:
             assert not workdir.exists()  # nothing was written
     assert len(_trials(search["workdir"], search["config"])) == before  # the study is untouched
+
+
+def test_a_search_is_bound_to_its_data(search, monkeypatch):
+    import dataclasses
+
+    config, workdir = search["config"], search["workdir"]
+    assert (workdir / "data.json").is_file()
+    original = data_lib.load(config.data, seed=config.seed)
+    labels = original.labels.copy()
+    labels[0] = (labels[0] + 1) % original.num_classes  # one image relabelled since
+    monkeypatch.setattr(
+        chain.data_lib, "load", lambda *a, **k: dataclasses.replace(original, labels=labels)
+    )
+    before = _trials(workdir, config)
+    with pytest.raises(data_lib.DataError, match="holds a run on other data"):
+        tune.run(config, str(workdir), len(before) + 1, evaluate_best=False, say=lambda _: None)
+    assert sorted(_trials(workdir, config)) == sorted(before)  # no trial on the new data
+
+
+def test_a_search_stopped_by_bad_data_leaves_its_folder_unbound(tmp_path, monkeypatch):
+    def bad_data(*args, **kwargs):
+        raise data_lib.DataError("no images")
+
+    monkeypatch.setattr(chain.data_lib, "load", bad_data)
+    with pytest.raises(data_lib.DataError, match="no images"):
+        tune.run(search_config(), str(tmp_path / "s"), 1, evaluate_best=False, say=print)
+    assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("study.db"))

@@ -399,6 +399,21 @@ def restore_finished(
     return spec, variables
 
 
+def load_checked(config) -> tuple[ImageSet, Splits]:
+    """The data ``config`` names and the run's splits of it, checked to be enough for every
+    split and fraction (`DataError` / `SplitError` otherwise)."""
+    data = data_lib.load(config.data, seed=config.seed)
+    splits = make_run_splits(config, data)
+    check_enough(
+        data,
+        splits,
+        val_fraction=config.data.val_fraction,
+        test_fraction=config.data.test_fraction,
+        fraction=config.chain.fraction,
+    )
+    return data, splits
+
+
 def make_run_splits(config, data: ImageSet) -> Splits:
     """The train/val/test split and chain fractions a run with ``config`` uses on ``data``."""
     return make_splits(
@@ -566,15 +581,7 @@ def run(
     check_workdir(config, workdir)  # before loading any data
 
     with timer("data"):
-        data = data_lib.load(config.data, seed=config.seed)
-        splits = make_run_splits(config, data)
-        check_enough(
-            data,
-            splits,
-            val_fraction=config.data.val_fraction,
-            test_fraction=config.data.test_fraction,
-            fraction=config.chain.fraction,
-        )
+        data, splits = load_checked(config)
         warning = bind_workdir(config, workdir, data, writer)
     if warning:
         progress.print(warning)

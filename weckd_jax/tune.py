@@ -254,8 +254,8 @@ def study_name(config) -> str:
     return f"weckd-{label}-{digest}"
 
 
-def bind_study_dir(config, workdir: str) -> None:
-    """Writes ``DIR/config.json`` for a new search; refuses to continue one with another config."""
+def check_study_dir(config, workdir: str) -> None:
+    """Refuses to continue a search in ``workdir`` with another config or search space."""
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json_best_effort())
     if os.path.exists(path):
@@ -281,8 +281,6 @@ def bind_study_dir(config, workdir: str) -> None:
             f"{workdir}/study.db exists but {path} does not: the study's config is unknown. "
             "Use a new --workdir."
         )
-    else:
-        files.write_json(path, current)
 
 
 def open_study(config, workdir: str):
@@ -561,8 +559,15 @@ def run(
     dims = check_search(config, trials, workdir)
     import optuna
 
-    os.makedirs(workdir, exist_ok=True)
-    bind_study_dir(config, workdir)
+    from weckd_jax import chain
+
+    check_study_dir(config, workdir)
+    # The study is bound to its config and its data (config.json, data.json) once the data has
+    # passed its checks, as a run is: every trial then trains on the same examples.
+    data, _ = chain.load_checked(config)
+    warning = chain.bind_workdir(config, workdir, data, writer=True)
+    if warning:
+        say(warning)
     # Our own lines report trials; a failing trial's error is raised (and reported) by us.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = open_study(config, workdir)
