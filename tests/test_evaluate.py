@@ -48,6 +48,17 @@ def test_an_evaluation_with_another_config_is_not_overwritten(smoke_run):
         evaluate.evaluate_workdir(workdir, other, split="all", name="hospital")
     with open(first["path"]) as f:
         assert f.read() == saved
+    # The same config on data that changed since (one image relabelled): refused as well.
+    original = data_lib.load(config.data, seed=config.seed)
+    labels = original.labels.copy()
+    labels[0] = (labels[0] + 1) % original.num_classes
+    changed = dataclasses.replace(original, labels=labels)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate.data_lib, "load", lambda *a, **k: changed)
+        with pytest.raises(evaluate.EvaluateError, match="images, labels or groups of the data"):
+            evaluate.evaluate_workdir(workdir, config, split="all", name="hospital")
+    with open(first["path"]) as f:
+        assert f.read() == saved
     # The same evaluation again replaces the file with the same content; another name keeps both.
     again = evaluate.evaluate_workdir(workdir, config, split="all", name="hospital")
     assert again["links"] == first["links"]
@@ -89,14 +100,18 @@ def test_changed_data_under_the_run_config_is_flagged_not_counted(smoke_run):
     data = data_lib.load(config.data, seed=config.seed)
     index = np.arange(len(data))
     grown = data.take(np.concatenate([index, index[:1]]))  # an image added to the folder
-    record, note = evaluate._overlap(workdir, run_config, config, grown, index)
+    record, note = evaluate._overlap(
+        workdir, run_config, config, grown, index, chain.data_record(grown)
+    )
     assert record == {"same_data_as_run": False, "in_run_train_pool": None, "in_run_val": None}
     assert "changed since the run" in note
     # The run's own images, decoded with other rounding (another CPU or Pillow): still counted.
     images = data.images.copy()
     images[0, 0, 0, 0] ^= 1
     repixelled = dataclasses.replace(data, images=images)
-    record, note = evaluate._overlap(workdir, run_config, config, repixelled, index)
+    record, note = evaluate._overlap(
+        workdir, run_config, config, repixelled, index, chain.data_record(repixelled)
+    )
     splits = chain.make_run_splits(config, data)
     assert record == {
         "same_data_as_run": True,

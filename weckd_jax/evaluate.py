@@ -101,13 +101,13 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
-def _overlap(workdir: str, run_config: dict | None, config, data, index: np.ndarray):
+def _overlap(workdir: str, run_config: dict | None, config, data, index: np.ndarray, digests: dict):
     """What the run in ``workdir`` did with ``data.images[index]``, and a note when that is unknown.
 
-    Returns ``(record, note)``: ``record`` holds ``same_data_as_run`` and the counts
+    Returns ``(overlap, note)``: ``overlap`` holds ``same_data_as_run`` and the counts
     ``in_run_train_pool`` and ``in_run_val`` (evaluated images the run trained on, or chose its
-    epochs on; ``None`` when unknown). The data is the run's own when its digests
-    (`data.types.fingerprint`) equal those in the run's ``data.json`` -- or, if only the pixels
+    epochs on; ``None`` when unknown). The data is the run's own when its ``digests`` (
+    `chain.data_record`) equal those in the run's ``data.json`` -- or, if only the pixels
     differ (another CPU, numpy or Pillow version), when this config names the same source. The
     run's splits are then recomputed from its saved config, so another split, seed or fraction in
     the evaluation config cannot hide an overlap. Other data that shares some images with the
@@ -127,9 +127,8 @@ def _overlap(workdir: str, run_config: dict | None, config, data, index: np.ndar
         return c["seed"], {k: v for k, v in c["data"].items() if k not in ignored}
 
     same_source = source(run_config) == source(json.loads(config.to_json_best_effort()))
-    record = chain.data_record(data)
     other = {**unknown, "same_data_as_run": False}
-    if saved["examples"] != record["examples"]:
+    if saved["examples"] != digests["examples"]:
         if same_source:
             return other, (
                 "this config names the run's data, but it changed since the run (other images, "
@@ -137,7 +136,7 @@ def _overlap(workdir: str, run_config: dict | None, config, data, index: np.ndar
                 "and these metrics may be optimistic"
             )
         return other, None
-    if saved["pixels"] != record["pixels"] and not same_source:
+    if saved["pixels"] != digests["pixels"] and not same_source:
         return other, None  # e.g. synthetic images of another difficulty: other images
     splits = chain.make_run_splits(ml_collections.ConfigDict(run_config), data)
     return {
@@ -147,13 +146,15 @@ def _overlap(workdir: str, run_config: dict | None, config, data, index: np.ndar
     }, None
 
 
-def _refuse_overwrite(path: str, config_json: dict) -> None:
+def _refuse_overwrite(path: str, config_json: dict, examples: str) -> None:
     """Refuses to replace an evaluation made with another config (e.g. another hospital's data
-    under the same config file name)."""
+    under the same config file name) or on other examples (the folder changed since)."""
     existing = _read_json(path)
     if existing is None:
         return
     changed = config_lib.differences(existing.get("config", {}), config_json)
+    if existing.get("data", {}).get("examples", examples) != examples:
+        changed.append("the images, labels or groups of the data")
     if changed:
         raise EvaluateError(
             f"{path} holds an evaluation with another config (saved -> now: "
@@ -226,8 +227,9 @@ def evaluate_workdir(
     if len(index) == 0:
         raise EvaluateError(f"the {split} split of {name} is empty")
     path = os.path.join(workdir, "evaluations", f"{name}-{split}.json")
-    _refuse_overwrite(path, json.loads(config.to_json_best_effort()))
-    overlap, overlap_note = _overlap(workdir, run_config, config, data, index)
+    digests = chain.data_record(data)
+    _refuse_overwrite(path, json.loads(config.to_json_best_effort()), digests["examples"])
+    overlap, overlap_note = _overlap(workdir, run_config, config, data, index, digests)
     # The new data in the trained class order: probabilities column k = trained class k.
     labels = label_map[data.labels]
     data = data_lib.ImageSet(images=data.images, labels=labels, class_names=tuple(trained_names))
@@ -278,6 +280,7 @@ def evaluate_workdir(
             "class_names": trained_names,
             "data_class_names": data_names,
             "class_counts": np.bincount(labels[index], minlength=len(trained_names)).tolist(),
+            "examples": digests["examples"],
             **overlap,
         },
         "notes": notes,
