@@ -391,3 +391,27 @@ def test_tune_section_is_harmless_for_a_launch_workdir():
     b["tune"]["space"] = "distill.alpha:0.2:0.8"
     del a["tune"]  # a workdir written before the section existed
     assert differences(a, b) == []
+
+
+def test_a_ctrl_c_lost_in_a_gc_callback_is_delivered_again():
+    # Python drops an exception raised in a gc callback (JAX registers one): without
+    # keep_interrupts, a Ctrl-C landing there would be lost and the run would go on.
+    code = (
+        "import gc\n"
+        "from weckd_jax import cli\n"
+        "cli.keep_interrupts()\n"
+        "def raise_once(phase, info):\n"
+        "    if phase == 'start' and not getattr(raise_once, 'done', False):\n"
+        "        raise_once.done = True\n"
+        "        raise KeyboardInterrupt\n"
+        "gc.callbacks.append(raise_once)\n"
+        "try:\n"
+        "    gc.collect()\n"
+        "    for _ in range(10**8):\n"
+        "        pass\n"
+        "    print('lost')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('delivered')\n"
+    )
+    out = run_python("-c", code, timeout=300)
+    assert out.stdout.strip() == "delivered", out.stderr[-2000:]

@@ -4,10 +4,12 @@ the check of ``--workdir``, and the message for Ctrl-C."""
 
 from __future__ import annotations
 
+import _thread
 import difflib
 import os
 import sys
 import tempfile
+import threading
 
 from absl import flags
 from ml_collections import ConfigDict, config_flags
@@ -22,6 +24,22 @@ def fail(message: str) -> None:
     """Prints a user error without a traceback and exits with status 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def keep_interrupts() -> None:
+    """Makes sure a Ctrl-C reaches the command: Python drops an exception raised inside a
+    garbage-collection callback (JAX registers one), so a KeyboardInterrupt that lands there would
+    be lost and the run go on; it is delivered to the main thread again instead."""
+    default = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            # From another thread: raised in the main thread once this hook has returned.
+            threading.Timer(0.01, _thread.interrupt_main).start()
+        else:
+            default(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def interrupted(message: str) -> None:

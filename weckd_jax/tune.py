@@ -686,6 +686,7 @@ def main_cli() -> None:
 
     def main(argv: list[str]) -> None:
         ops.configure_cpu_flags()  # before JAX starts a backend
+        cli.keep_interrupts()
         if len(argv) > 1:
             cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
         if not workdir_flag.value:
