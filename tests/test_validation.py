@@ -86,6 +86,14 @@ def test_a_config_lacking_keys_or_not_a_configdict_is_named():
         validate(config)
 
 
+def test_a_key_no_run_reads_is_named_with_its_close_match():
+    # In a config file, `c.train.epoch = 5` adds a key instead of failing like an override.
+    config = base_config()
+    config.train.epoch = 5
+    with pytest.raises(ConfigError, match="sets train.epoch, a key no run reads; did you mean"):
+        validate(config)
+
+
 def test_a_workdir_inside_the_data_folder_is_refused(tmp_path):
     config = base_config()
     config.data.source = "folder"

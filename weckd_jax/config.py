@@ -6,6 +6,7 @@ key can be overridden on the command line (``--config.chain.length=4``).
 
 from __future__ import annotations
 
+import difflib
 import importlib.machinery
 import importlib.util
 import math
@@ -202,9 +203,19 @@ def _leaves(tree, prefix: str = ""):
 
 
 def _check_keys_and_numbers(config) -> None:
-    """Every key of `base_config` is there (``tune.*`` aside), and every float is finite."""
+    """Every key of `base_config` is there (``tune.*`` aside), no other key is, and every float
+    is finite."""
     defaults = dict(_leaves(base_config()))
     present = dict(_leaves(config))
+    unknown = [k for k in present if k not in defaults]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(defaults), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(
+            f"the config sets {unknown[0]}, a key no run reads{hint} A misspelt key would "
+            "otherwise be ignored silently: rename or remove it (all keys are listed in "
+            "weckd_jax/config.py)"
+        )
     missing = [k for k in defaults if k not in present and not k.startswith("tune.")]
     if missing:
         raise ConfigError(
