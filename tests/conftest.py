@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -41,6 +42,29 @@ def run_python(
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout
     )
+
+
+def signal_when(args, ready, sig, what: str, timeout: int = 900) -> tuple[int, str]:
+    """Starts ``python *args`` in the repository and sends it ``sig`` as soon as ``ready()``
+    holds; returns its exit status and stderr. Fails the test if it ends before (``what`` names
+    the awaited moment)."""
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if ready():
+            proc.send_signal(sig)
+            _, stderr = proc.communicate(timeout=timeout)
+            return proc.returncode, stderr
+        time.sleep(0.002)
+    proc.kill()
+    stderr = proc.communicate()[1]
+    pytest.fail(f"the process ended before {what} (rc={proc.returncode}): {stderr[-2000:]}")
 
 
 def smoke_config():

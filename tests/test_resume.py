@@ -5,59 +5,24 @@ import glob
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
-import pytest
-
-from tests.conftest import REPO
+from tests.conftest import REPO, run_python, signal_when
 
 SMOKE = os.path.join(REPO, "configs", "smoke.py")
 OVERRIDES = ["--config.train.epochs=3"]
 
 
-def _cmd(workdir, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "weckd_jax.launch",
-        "--config",
-        SMOKE,
-        *OVERRIDES,
-        *extra,
-        f"--workdir={workdir}",
-    ]
+def _args(workdir, *extra):
+    return ["-m", "weckd_jax.launch", "--config", SMOKE, *OVERRIDES, *extra, f"--workdir={workdir}"]
 
 
 def _run(workdir, *extra):
-    return subprocess.run(
-        _cmd(workdir, *extra),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=900,
-    )
+    return run_python(*_args(workdir, *extra), timeout=900)
 
 
 def _kill_when(workdir, condition, what):
     """Starts the run and SIGKILLs it as soon as ``condition()`` holds."""
-    proc = subprocess.Popen(
-        _cmd(workdir),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 900
-    while proc.poll() is None and time.monotonic() < deadline:
-        if condition():
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return
-        time.sleep(0.002)
-    stderr = proc.stderr.read() if proc.stderr else ""
-    pytest.fail(f"the run ended before {what} was seen (rc={proc.returncode}): {stderr[-2000:]}")
+    signal_when(_args(workdir), condition, signal.SIGKILL, what)
 
 
 def _results(workdir):

@@ -7,14 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import REPO, smoke_config
+from tests.conftest import REPO, run_python, signal_when, smoke_config
 from weckd_jax import chain, tune
 from weckd_jax import config as config_lib
 from weckd_jax import data as data_lib
@@ -30,9 +29,9 @@ def search_config(space=SPACE):
     return c
 
 
-def _tune_cmd(workdir, *extra, space=SPACE):
+def _tune_args(workdir, *extra, space=SPACE):
+    """The arguments of ``python`` that run the tune command line on the smoke search."""
     return [
-        sys.executable,
         "-m",
         "weckd_jax.tune",
         "--config",
@@ -75,28 +74,12 @@ def search(tmp_path_factory):
     after_three = _trials(workdir, config)
 
     # The CLI continues the study to 4 trials; it is killed as soon as trial 3 has started.
-    proc = subprocess.Popen(
-        _tune_cmd(workdir, "--trials=4", "--evaluate_best=false"),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while not (workdir / "trials" / "3" / "config.json").exists():
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    args = _tune_args(workdir, "--trials=4", "--evaluate_best=false")
+    ready = (workdir / "trials" / "3" / "config.json").exists
+    signal_when(args, ready, signal.SIGKILL, "trial 3 started")
     killed = _trials(workdir, config)
-    rerun = subprocess.run(  # ... and evaluates the best config on test, once
-        _tune_cmd(workdir, "--trials=4"),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
+    # ... and evaluates the best config on test, once
+    rerun = run_python(*_tune_args(workdir, "--trials=4"), timeout=600)
     return {
         "config": config,
         "workdir": workdir,
@@ -371,21 +354,10 @@ def test_a_search_inside_the_data_folder_is_refused(tmp_path):
 
 
 def test_ctrl_c_stops_a_search_in_one_line_and_fails_the_running_trial(tmp_path):
-    proc = subprocess.Popen(
-        _tune_cmd(tmp_path, "--trials=1", "--evaluate_best=false"),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while not (tmp_path / "trials" / "0" / "config.json").exists():  # trial 0 is running
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130, stderr[-3000:]
+    args = _tune_args(tmp_path, "--trials=1", "--evaluate_best=false")
+    ready = (tmp_path / "trials" / "0" / "config.json").exists  # trial 0 is running
+    returncode, stderr = signal_when(args, ready, signal.SIGINT, "trial 0 started")
+    assert returncode == 130, stderr[-3000:]
     assert stderr.startswith(
         f"interrupted: the finished trials are kept in {tmp_path / 'study.db'} (the interrupted "
         "one is not counted)"
@@ -405,12 +377,13 @@ def test_cli_user_errors_exit_2_without_traceback(search, tmp_path):
     ]
     procs = []
     for i, (space, extra, message) in enumerate(cases):
-        cmd = _tune_cmd(tmp_path / f"w{i}", *extra, space=space)
+        cmd = [sys.executable, *_tune_args(tmp_path / f"w{i}", *extra, space=space)]
         procs.append((cmd, message, tmp_path / f"w{i}"))
     # The study of `search` with another space: refused, naming the difference.
+    other_space = "distill.alpha:0.2:0.8"
     procs.append(
         (
-            _tune_cmd(search["workdir"], "--trials=9", space="distill.alpha:0.2:0.8"),
+            [sys.executable, *_tune_args(search["workdir"], "--trials=9", space=other_space)],
             f"tune.space: {SPACE!r} -> 'distill.alpha:0.2:0.8'",
             None,
         )

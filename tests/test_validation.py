@@ -6,13 +6,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_python, smoke_config
+from tests.conftest import REPO, run_python, signal_when, smoke_config
 from weckd_jax import chain, checkpoints, cli, parallel, train
 from weckd_jax.config import ConfigError, base_config, differences, validate
 from weckd_jax.progress import Progress
@@ -257,19 +256,10 @@ def test_every_tool_reports_a_bad_config_file_or_key_in_one_line(tmp_path):
 
 def test_ctrl_c_stops_launch_in_one_line_and_keeps_the_workdir(tmp_path):
     workdir = tmp_path / "w"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "weckd_jax.launch", "--config", "configs/smoke.py",
-         f"--workdir={workdir}"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not (workdir / "config.json").exists():  # the run has begun
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130, stderr[-3000:]
+    args = ["-m", "weckd_jax.launch", "--config", "configs/smoke.py", f"--workdir={workdir}"]
+    ready = (workdir / "config.json").exists  # the run has begun
+    returncode, stderr = signal_when(args, ready, signal.SIGINT, "the run began")
+    assert returncode == 130, stderr[-3000:]
     assert stderr == (
         f"interrupted: the finished links and the last in-training checkpoint are kept in "
         f"{workdir}; rerun the same command to resume\n"
