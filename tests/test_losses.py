@@ -296,6 +296,32 @@ def test_kd_kl_multi_is_weighted_sum():
     np.testing.assert_allclose(uniform, 0.5 * (_np_kd(s, t1, 2.0) + _np_kd(s, t2, 2.0)), rtol=1e-5)
 
 
+def test_a_teacher_weighted_zero_adds_exactly_nothing_even_when_broken():
+    s, t = _logits(0), _logits(1)
+    broken_logits = np.full_like(t, np.inf)
+    broken_map = np.full(FEAT_T, np.nan, np.float32)
+    multi = kd_kl_multi(s, [t, broken_logits], temperature=2.0, weights=[1.0, 0.0])
+    np.testing.assert_array_equal(multi, kd_kl(s, t, temperature=2.0))
+    grad = jax.grad(
+        lambda x: kd_kl_multi(x, [t, broken_logits], temperature=2.0, weights=[1.0, 0.0]).sum()
+    )(s)
+    np.testing.assert_allclose(grad, jax.grad(lambda x: kd_kl(x, t, temperature=2.0).sum())(s))
+    fs, ft = _feat(1, FEAT_S), _feat(2, FEAT_T)
+
+    def loss(x, teachers, features, weights):
+        return weckd_loss(
+            x, _labels(0), label_mask=MASK, teacher_logits=teachers, teacher_weights=weights,
+            student_features=[fs], teacher_features=features, beta=0.5, temperature=2.0,
+        )[0]  # fmt: skip
+
+    def with_broken(x):
+        return loss(x, [t, broken_logits], [[ft], [broken_map]], [1.0, 0.0])
+
+    np.testing.assert_allclose(with_broken(s), loss(s, t, [ft], None), rtol=1e-6)
+    grad = jax.grad(lambda x: with_broken(x).sum())(s)
+    np.testing.assert_allclose(grad, jax.grad(lambda x: loss(x, t, [ft], None).sum())(s), rtol=1e-5)
+
+
 def test_temperature_may_be_traced():
     s, t = _logits(0), _logits(1)
     sched = temperature_schedule("linear", t_max=4.0, t_min=1.0, total_steps=10)

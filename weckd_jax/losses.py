@@ -415,6 +415,13 @@ def _check_teacher_weights(weights: Any, num_teachers: int, name: str) -> jax.Ar
     return jnp.asarray(weights)
 
 
+def _unless_unweighted(x: jax.Array, weight: jax.Array | None) -> jax.Array:
+    """``x`` (a teacher's outputs), or zeros when the teacher's ``weight`` is 0: a teacher
+    weighted 0 then adds exactly 0 even with inf/NaN outputs, in the value and the gradient.
+    ``None`` (uniform weights) needs no select."""
+    return x if weight is None else jnp.where(weight > 0, x, jnp.zeros((), x.dtype))
+
+
 def _normalised_weights(weights: jax.Array | None, num_teachers: int, dtype) -> jax.Array:
     if weights is None:
         return jnp.full((num_teachers,), 1.0 / num_teachers, dtype)
@@ -477,6 +484,7 @@ def _kd_kl_multi_core(
     w = _normalised_weights(weights, len(teachers), student_logits.dtype)
     total = jnp.zeros(student_logits.shape[:-1], student_logits.dtype)
     for j, t in enumerate(teachers):
+        t = _unless_unweighted(t, None if weights is None else w[j])
         total = total + w[j] * _kd_kl_core(student_logits, t, temperature, where)
     return total
 
@@ -1033,7 +1041,9 @@ def _weckd_core(
     alpha_i = jnp.where(m, alpha, jnp.ones((), dtype))
 
     kd = zeros
+    given = teacher_weights is not None
     for j, t in enumerate(teachers):
+        t = _unless_unweighted(t, w[j] if given else None)
         kd = kd + w[j] * _kd_kl_core(student_logits, t, temperature, where).astype(dtype)
     kd = alpha_i * kd
     ce = (1.0 - alpha) * ce
@@ -1042,6 +1052,7 @@ def _weckd_core(
     for j, stages in enumerate(per_teacher):
         at_j = zeros
         for fs, ft in zip(student_features, stages, strict=True):
+            ft = _unless_unweighted(ft, w[j] if given else None)
             at_j = at_j + _attention_transfer_core(fs, ft, where, p=p).astype(dtype)
         at = at + w[j] * (at_j / len(stages))
     at = jnp.asarray(beta, dtype) * at
