@@ -101,7 +101,7 @@ def test_changed_data_under_the_run_config_is_flagged_not_counted(smoke_run):
     index = np.arange(len(data))
     grown = data.take(np.concatenate([index, index[:1]]))  # an image added to the folder
     record, note = evaluate._overlap(
-        workdir, run_config, config, grown, index, chain.data_record(grown)
+        workdir, run_config, run_config, grown, index, chain.data_record(grown)
     )
     assert record == {"same_data_as_run": False, "in_run_train_pool": None, "in_run_val": None}
     assert "changed since the run" in note
@@ -110,7 +110,7 @@ def test_changed_data_under_the_run_config_is_flagged_not_counted(smoke_run):
     images[0, 0, 0, 0] ^= 1
     repixelled = dataclasses.replace(data, images=images)
     record, note = evaluate._overlap(
-        workdir, run_config, config, repixelled, index, chain.data_record(repixelled)
+        workdir, run_config, run_config, repixelled, index, chain.data_record(repixelled)
     )
     splits = chain.make_run_splits(config, data)
     assert record == {

@@ -496,65 +496,72 @@ def data_record(data: ImageSet) -> dict:
     }
 
 
-def check_workdir(config, workdir: str, data: dict | None = None) -> str | None:
-    """Refuses a workdir that holds a run with another config (``config.json``) or, given the
-    `data_record` of the data loaded now, on other examples (``data.json``): resuming it would mix
-    two experiments. Returns a warning when only the decoded pixels differ (same examples)."""
+def _write_new(path: str, value) -> None:
+    """Writes ``value`` as JSON to ``path`` unless a file is there already (never replaced)."""
+    if not os.path.exists(path):
+        files.write_json(path, value)
+
+
+def check_workdir(config, workdir: str) -> None:
+    """Refuses a workdir that holds a run with another config (``config.json``): resuming it
+    would mix two experiments. Cheap: called before any data is loaded."""
     path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            changed = config_lib.differences(json.load(f), json.loads(config.to_json_best_effort()))
-        if changed:
-            raise config_lib.ConfigError(
-                f"{workdir} holds a run with another config; resuming it would mix two "
-                "experiments. Differences (saved -> now):\n  " + "\n  ".join(changed) + "\n"
-                "Use a new --workdir for the new config, or rerun with the saved one "
-                f"({path})."
-            )
-    path = os.path.join(workdir, "data.json")
-    if data is None or not os.path.exists(path):
-        return None
+    if not os.path.exists(path):
+        return
     with open(path) as f:
-        saved = json.load(f)
-    if saved.get("examples", data["examples"]) != data["examples"]:
-        if saved.get("images") != data["images"]:
-            what = f"it started on {saved.get('images')} images, the data has {data['images']} now"
-        elif saved.get("class_names") != data["class_names"]:
-            what = (
-                f"its classes were {', '.join(saved.get('class_names', []))}, they are "
-                f"{', '.join(data['class_names'])} now"
-            )
-        else:
-            what = "the same number of images now carries other labels, groups or fixed splits"
-        raise DataError(
-            f"{workdir} holds a run on other data: {what}. Resuming would mix two experiments "
-            "(a finished link could even have trained on what is now test data). Use a new "
-            "--workdir for the new data, or restore the data the run started on."
+        changed = config_lib.differences(json.load(f), config_lib.as_json(config))
+    if changed:
+        raise config_lib.ConfigError(
+            f"{workdir} holds a run with another config; resuming it would mix two "
+            "experiments. Differences (saved -> now):\n  " + "\n  ".join(changed) + "\n"
+            "Use a new --workdir for the new config, or rerun with the saved one "
+            f"({path})."
         )
-    if saved.get("pixels", data["pixels"]) != data["pixels"]:
-        return (
-            f"warning: the images decode to other pixels than when the run in {workdir} "
-            "started (same images, labels and groups, so the same splits): another CPU, numpy "
-            "or Pillow version rounds differently, or images were edited in place. Resuming."
-        )
-    return None
 
 
 def bind_workdir(config, workdir: str, data: ImageSet, writer: bool) -> str | None:
-    """`check_workdir` (returning its warning), then writes ``config.json`` and ``data.json``
-    where they are missing. Called once the data has passed its checks, so a run that stops on a
-    config or data error leaves the workdir free for the corrected command."""
+    """Binds ``workdir`` to ``data`` as well as ``config`` (whose `check_workdir` has passed):
+    refuses a workdir whose ``data.json`` names other examples, then writes ``config.json`` and
+    ``data.json`` where they are missing. Returns a warning when only the decoded pixels differ
+    (same examples, so the same splits). Called once the data has passed its checks, so a run that
+    stops on a config or data error leaves the workdir free for the corrected command."""
     record = data_record(data)
-    warning = check_workdir(config, workdir, record)
+    path = os.path.join(workdir, "data.json")
+    warning = None
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("examples", record["examples"]) != record["examples"]:
+            raise DataError(
+                f"{workdir} holds a run on other data: {_what_differs(saved, record)}. Resuming "
+                "would mix two experiments (a finished link could even have trained on what is "
+                "now test data). Use a new --workdir for the new data, or restore the data the "
+                "run started on."
+            )
+        if saved.get("pixels", record["pixels"]) != record["pixels"]:
+            warning = (
+                f"warning: the images decode to other pixels than when the run in {workdir} "
+                "started (same images, labels and groups, so the same splits): another CPU, "
+                "numpy or Pillow version rounds differently, or images were edited in place. "
+                "Resuming."
+            )
     if writer:
         os.makedirs(workdir, exist_ok=True)
-        for name, value in (
-            ("config.json", json.loads(config.to_json_best_effort())),
-            ("data.json", record),
-        ):
-            if not os.path.exists(os.path.join(workdir, name)):
-                files.write_json(os.path.join(workdir, name), value)
+        _write_new(os.path.join(workdir, "config.json"), config_lib.as_json(config))
+        _write_new(path, record)
     return warning
+
+
+def _what_differs(saved: dict, now: dict) -> str:
+    """How two `data_record`s with different examples differ, for a message."""
+    if saved.get("images") != now["images"]:
+        return f"it started on {saved.get('images')} images, the data has {now['images']} now"
+    if saved.get("class_names") != now["class_names"]:
+        return (
+            f"its classes were {', '.join(saved.get('class_names', []))}, they are "
+            f"{', '.join(now['class_names'])} now"
+        )
+    return "the same number of images now carries other labels, groups or fixed splits"
 
 
 def run(
@@ -694,11 +701,10 @@ def run_seeds(config, workdir: str, progress: Progress) -> dict:
             seed_config.seed = seed
             seed_config.seeds = ""
         results[seed] = run(seed_config, os.path.join(workdir, f"seed_{seed}"), progress)
-        path = os.path.join(workdir, "config.json")
-        if jax.process_index() == 0 and not os.path.exists(path):
+        if jax.process_index() == 0:
             # Written once a seed has run, so a config or data error leaves no binding behind;
             # each seed_<s>/ holds its own config.json and data.json meanwhile.
-            files.write_json(path, json.loads(config.to_json_best_effort()))
+            _write_new(os.path.join(workdir, "config.json"), config_lib.as_json(config))
     summary = seeds_lib.summarize(results)
     if jax.process_index() == 0:
         files.write_json(os.path.join(workdir, "summary.json"), summary)

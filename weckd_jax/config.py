@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib.machinery
 import importlib.util
+import json
 import math
 import os
 import re
@@ -184,6 +185,11 @@ def _same_file(frame: traceback.FrameSummary, file: str) -> bool:
     return os.path.abspath(frame.filename) == os.path.abspath(file)
 
 
+def as_json(config) -> dict:
+    """The config as nested JSON values (what ``config.json`` holds and what is compared)."""
+    return json.loads(config.to_json_best_effort())
+
+
 def seed_list(config) -> list[int]:
     """The seeds of a multi-seed run (``seeds = "0,1,2"``), or [] for a single run."""
     return [int(v) for v in str(config.seeds).split(",") if v.strip()]
@@ -226,8 +232,10 @@ def _check_keys_and_numbers(config) -> None:
     for key, value in present.items():
         values = value if isinstance(value, list | tuple) else (value,)
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            default = f" (default {defaults[key]})" if key in defaults else ""
-            raise ConfigError(f"{key}={value} is not a finite number; give a finite value{default}")
+            raise ConfigError(
+                f"{key}={value} is not a finite number; give a finite value (default "
+                f"{defaults[key]})"
+            )
 
 
 def validate(config, workdir: str | None = None) -> None:

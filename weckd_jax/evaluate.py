@@ -101,7 +101,9 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
-def _overlap(workdir: str, run_config: dict | None, config, data, index: np.ndarray, digests: dict):
+def _overlap(
+    workdir: str, run_config: dict | None, config_json: dict, data, index: np.ndarray, digests: dict
+):
     """What the run in ``workdir`` did with ``data.images[index]``, and a note when that is unknown.
 
     Returns ``(overlap, note)``: ``overlap`` holds ``same_data_as_run`` and the counts
@@ -126,7 +128,7 @@ def _overlap(workdir: str, run_config: dict | None, config, data, index: np.ndar
     def source(c: dict) -> tuple:
         return c["seed"], {k: v for k, v in c["data"].items() if k not in ignored}
 
-    same_source = source(run_config) == source(json.loads(config.to_json_best_effort()))
+    same_source = source(run_config) == source(config_json)
     other = {**unknown, "same_data_as_run": False}
     if saved["examples"] != digests["examples"]:
         if same_source:
@@ -227,9 +229,9 @@ def evaluate_workdir(
     if len(index) == 0:
         raise EvaluateError(f"the {split} split of {name} is empty")
     path = os.path.join(workdir, "evaluations", f"{name}-{split}.json")
-    digests = chain.data_record(data)
-    _refuse_overwrite(path, json.loads(config.to_json_best_effort()), digests["examples"])
-    overlap, overlap_note = _overlap(workdir, run_config, config, data, index, digests)
+    config_json, digests = config_lib.as_json(config), chain.data_record(data)
+    _refuse_overwrite(path, config_json, digests["examples"])
+    overlap, overlap_note = _overlap(workdir, run_config, config_json, data, index, digests)
     # The new data in the trained class order: probabilities column k = trained class k.
     labels = label_map[data.labels]
     data = data_lib.ImageSet(images=data.images, labels=labels, class_names=tuple(trained_names))
@@ -272,7 +274,7 @@ def evaluate_workdir(
         "workdir": os.path.abspath(workdir),
         "name": name,
         "split": split,
-        "config": json.loads(config.to_json_best_effort()),
+        "config": config_json,
         "data": {
             "source": config.data.source,
             "split_by": split_by,

@@ -240,7 +240,7 @@ def check_search(config, trials: int, workdir: str | None = None) -> tuple[Dimen
 
 def study_name(config) -> str:
     """``weckd-<objective>-<digest>``: the digest covers the whole config (harmless keys aside)."""
-    flat = json.loads(config.to_json_best_effort())
+    flat = config_lib.as_json(config)
     for key in config_lib.HARMLESS_KEYS:
         if key.startswith("tune."):  # the search's own keys always name another study
             continue
@@ -257,7 +257,7 @@ def study_name(config) -> str:
 def check_study_dir(config, workdir: str) -> None:
     """Refuses to continue a search in ``workdir`` with another config or search space."""
     path = os.path.join(workdir, "config.json")
-    current = json.loads(config.to_json_best_effort())
+    current = config_lib.as_json(config)
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
@@ -504,7 +504,7 @@ def write_best_config(config, study, workdir: str) -> tuple[str, object]:
     """
     best = study.best_trial
     best_config = apply_params(config, best.params, baselines=True)
-    values = json.loads(best_config.to_json_best_effort())
+    values = config_lib.as_json(best_config)
     link_k = objective_link(config)
     tuned = "\n".join(f"  {k} = {best_config_value(best_config, k)!r}" for k in best.params)
     text = f'''"""The best config of the search in {os.path.abspath(workdir)}.
