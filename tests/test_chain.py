@@ -259,6 +259,24 @@ def test_a_batch_larger_than_the_link_data_is_warned_about(tmp_path):
     results = chain.run(config, str(tmp_path), Progress(stream=stream))
     n_train = results["links"][0]["n_train"]
     assert n_train < 64
-    assert f"warning: link_1 trains on {n_train} images, fewer than train.batch_size=64" in (
-        stream.getvalue()
-    )
+    assert chain.small_link_warning("link_1", n_train, 64, 1) in stream.getvalue()
+
+
+@pytest.mark.parametrize(
+    "images, batch_size, devices, advice",
+    [
+        (13, 64, 1, "Set train.batch_size to at most 13, or give the link more data."),
+        (13, 64, 8, "Set train.batch_size to at most 8, or give the link more data."),
+        (5, 64, 8, "Give the link more data."),
+        (64, 64, 8, None),
+    ],
+)
+def test_the_small_link_warning_suggests_a_batch_size_that_divides_over_the_devices(
+    images, batch_size, devices, advice
+):
+    warning = chain.small_link_warning("link_2", images, batch_size, devices)
+    if advice is None:
+        assert warning is None
+    else:
+        assert warning.startswith(f"warning: link_2 trains on {images} images, fewer than ")
+        assert warning.endswith(advice)

@@ -57,3 +57,43 @@ def test_output_problem(tmp_path):
         f"--json {taken / 'b.json'} cannot be written: {taken} is not a writable folder; "
         "choose another"
     )
+
+
+@pytest.mark.parametrize("hard_links", [True, False], ids=["link", "no-hard-links"])
+def test_write_text_without_replace_never_replaces_a_file(hard_links, tmp_path, monkeypatch):
+    if not hard_links:  # a file system without hard links: the check-then-rename fallback
+
+        def refuse(*args):
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", refuse)
+    path = tmp_path / "config.json"
+    files.write_json(str(path), {"run": 1}, replace=False)
+    assert json.loads(path.read_text()) == {"run": 1}
+    with pytest.raises(FileExistsError):
+        files.write_json(str(path), {"run": 2}, replace=False)
+    assert json.loads(path.read_text()) == {"run": 1}
+    assert os.listdir(tmp_path) == ["config.json"]  # no temporary file left
+
+
+def test_write_text_beside_takes_the_first_free_name(tmp_path):
+    path = str(tmp_path / "bench.json")
+    assert files.write_text_beside(path, "a") == path
+    assert files.write_text_beside(path, "b") == str(tmp_path / "bench-1.json")
+    assert files.write_text_beside(path, "c") == str(tmp_path / "bench-2.json")
+    written = {name: (tmp_path / name).read_text() for name in os.listdir(tmp_path)}
+    assert written == {"bench.json": "a", "bench-1.json": "b", "bench-2.json": "c"}
+
+
+def test_write_output_keeps_a_file_that_appeared_and_says_where_the_output_went(tmp_path, capsys):
+    path = tmp_path / "p.csv"
+    assert files.write_output(str(path), "first\n", "--output", overwrite=False) == str(path)
+    assert capsys.readouterr().err == ""
+    written = files.write_output(str(path), "second\n", "--output", overwrite=False)
+    assert written == str(tmp_path / "p-1.csv")
+    assert path.read_text() == "first\n" and (tmp_path / "p-1.csv").read_text() == "second\n"
+    assert capsys.readouterr().err == (
+        f"warning: --output {path} appeared while this ran and was kept; wrote {written}\n"
+    )
+    assert files.write_output(str(path), "third\n", "--output", overwrite=True) == str(path)
+    assert path.read_text() == "third\n"

@@ -194,6 +194,32 @@ def test_existing_output_is_kept_unless_overwrite(smoke_run, images, tmp_path, c
     assert code == 2 and f"error: --output {tmp_path} is a folder" in err
 
 
+def test_an_output_that_appears_while_classifying_is_kept(
+    smoke_run, images, tmp_path, capsys, monkeypatch
+):
+    _, workdir, _ = smoke_run
+    _, paths, _ = images
+    output = tmp_path / "p.csv"
+    classify = predict.predict
+
+    def someone_writes_the_output_meanwhile(*args, **kwargs):
+        output.write_text("theirs")
+        return classify(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "predict", someone_writes_the_output_meanwhile)
+    code, out, err = _run(
+        ["--workdir", workdir, "--images", paths[0], "--output", str(output)], capsys
+    )
+    assert code == 0, err
+    assert output.read_text() == "theirs"
+    ours = tmp_path / "p-1.csv"
+    assert f"warning: --output {output} appeared while this ran and was kept; wrote {ours}" in err
+    assert out.endswith(f"wrote {ours}\n")
+    assert (
+        ours.read_text().startswith("path,predicted,") and len(ours.read_text().splitlines()) == 2
+    )
+
+
 def _copy_run(workdir: str, results: dict, to) -> str:
     """A copy of the smoke run's results.json and link_2 checkpoint (``results`` as given)."""
     to.mkdir()

@@ -9,8 +9,9 @@ transfer step, the same with the teacher's outputs cached (``distill.teacher_cac
 augmentation is off), the eval step, and the grain pipeline with the batch placement. Each
 figure is the median of ``--repeats`` timed windows of ``--steps`` steps, after a warm-up;
 compile seconds are measured separately, and achieved GFLOP/s come from XLA's cost analysis of
-the compiled step. ``--json`` refuses a file that exists (checked before the timing, and again
-before writing) unless ``--overwrite`` is given.
+the compiled step. ``--json`` refuses a file that exists (checked before the timing) unless
+``--overwrite`` is given; one that appears while timing is kept, and the results go to
+``<stem>-1.json`` instead.
 Example, the ResNet-18 used to compare frameworks:
 
     python -m weckd_jax.bench --config configs/default.py --config.model.backbone=resnet18 \\
@@ -218,19 +219,15 @@ def print_table(result: dict) -> None:
     )
 
 
-def _check_json(path: str) -> None:
-    """Exits with a user error if the results may not be written to ``path``."""
-    if problem := files.output_problem(path, "--json", overwrite=_OVERWRITE.value):
-        cli.fail(problem)
-
-
 def main(argv: list[str]) -> None:
     ops.configure_cpu_flags()  # before JAX starts a backend
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
-    if _JSON.value:  # before minutes of timing
-        _check_json(_JSON.value)
+    if _JSON.value and (  # before minutes of timing
+        problem := files.output_problem(_JSON.value, "--json", overwrite=_OVERWRITE.value)
+    ):
+        cli.fail(problem)
     config = _CONFIG.value
     try:
         config_lib.validate(config)
@@ -239,8 +236,7 @@ def main(argv: list[str]) -> None:
     result = run(config, repeats=_REPEATS.value, steps=_STEPS.value)
     print_table(result)
     if _JSON.value:
-        _check_json(_JSON.value)  # again: the file may have appeared while timing
-        files.write_json(_JSON.value, result)
+        files.write_output(_JSON.value, files.json_text(result), "--json", _OVERWRITE.value)
 
 
 if __name__ == "__main__":

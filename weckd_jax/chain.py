@@ -7,6 +7,7 @@ lives in `weckd_jax.train` and `weckd_jax.losses`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -161,6 +162,19 @@ def teacher_cache(
     )
 
 
+def small_link_warning(name: str, images: int, batch_size: int, devices: int) -> str | None:
+    """The warning for a job with fewer train images than one batch, or None."""
+    if images >= batch_size:
+        return None
+    # The suggested size must itself divide over the devices (`parallel.check_batch_size`).
+    fitting = images // devices * devices
+    advice = f"Set train.batch_size to at most {fitting}, or give" if fitting else "Give"
+    return (
+        f"warning: {name} trains on {images} images, fewer than train.batch_size={batch_size}: "
+        f"every step repeats images and an epoch is one step. {advice} the link more data."
+    )
+
+
 def train_job(
     job: Job,
     *,
@@ -186,12 +200,8 @@ def train_job(
     epoch_steps = pipeline.steps_per_epoch(len(job.train_index), batch_size)
     total_steps = epoch_steps * cfg_train.epochs
     image_shape = data.images.shape[1:]
-    if len(job.train_index) < batch_size:
-        progress.print(
-            f"warning: {job.name} trains on {len(job.train_index)} images, fewer than "
-            f"train.batch_size={batch_size}: every step repeats images and an epoch is one step. "
-            f"Set train.batch_size to at most {len(job.train_index)}, or give the link more data."
-        )
+    if warning := small_link_warning(job.name, len(job.train_index), batch_size, mesh.size):
+        progress.print(warning)
 
     with timer("checkpoint"):
         teachers = [restore_finished(workdir, name, mesh, image_shape) for name in job.teachers]
@@ -498,8 +508,8 @@ def data_record(data: ImageSet) -> dict:
 
 def _write_new(path: str, value) -> None:
     """Writes ``value`` as JSON to ``path`` unless a file is there already (never replaced)."""
-    if not os.path.exists(path):
-        files.write_json(path, value)
+    with contextlib.suppress(FileExistsError):
+        files.write_json(path, value, replace=False)
 
 
 def check_workdir(config, workdir: str) -> None:

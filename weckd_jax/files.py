@@ -7,13 +7,19 @@ check the command-line tools make before writing a file the user named.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
+import sys
 
 
-def write_text(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` atomically, replacing any file there."""
+def write_text(path: str, text: str, *, replace: bool = True) -> None:
+    """Writes ``text`` to ``path`` atomically, replacing any file there.
+
+    With ``replace=False`` a file at ``path`` is never replaced, even one that appears while this
+    writes: raises FileExistsError instead.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     name = os.path.basename(path)[:100]  # the temporary name stays within NAME_MAX
@@ -25,16 +31,50 @@ def write_text(path: str, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _link_new(tmp: str, path: str) -> None:
+    """Gives the complete file ``tmp`` the name ``path`` unless something has that name."""
+    try:
+        os.link(tmp, path)  # atomic, and fails on an existing name
+    except FileExistsError:
         raise
+    except OSError:  # a file system without hard links: check, then rename
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "file exists", path) from None
+        os.replace(tmp, path)
 
 
-def write_json(path: str, value) -> None:
-    """Writes ``value`` as indented JSON (no NaN or Inf) to ``path`` atomically."""
-    write_text(path, json.dumps(value, indent=2, allow_nan=False) + "\n")
+def write_text_beside(path: str, text: str) -> str:
+    """Writes ``text`` to ``path``, or, when a file is there, to the first free name
+    ``<stem>-1<suffix>``, ``<stem>-2<suffix>``, ...; never replaces a file. Returns the path
+    written. For finished work whose chosen name was taken while it ran."""
+    stem, suffix = os.path.splitext(path)
+    candidate, n = path, 0
+    while True:
+        try:
+            write_text(candidate, text, replace=False)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = f"{stem}-{n}{suffix}"
+
+
+def json_text(value) -> str:
+    """``value`` as indented JSON (no NaN or Inf), ending in a newline."""
+    return json.dumps(value, indent=2, allow_nan=False) + "\n"
+
+
+def write_json(path: str, value, *, replace: bool = True) -> None:
+    """Writes `json_text` of ``value`` to ``path`` atomically (see `write_text`)."""
+    write_text(path, json_text(value), replace=replace)
 
 
 def nearest_existing(path: str) -> str:
@@ -61,3 +101,20 @@ def output_problem(path: str, flag: str, *, overwrite: bool = False) -> str | No
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
         return f"{flag} {path} cannot be written: {folder} is not a writable folder; choose another"
     return None
+
+
+def write_output(path: str, text: str, flag: str, overwrite: bool) -> str:
+    """Writes a tool's finished output to the file the user named with ``flag``; returns the
+    path written. Replaces a file there only with ``overwrite``. Without it, a file that appeared
+    at ``path`` while the tool ran is kept, and the output goes to `write_text_beside`'s free
+    name, with a warning on stderr (the check before the work, `output_problem`, saw no file)."""
+    if overwrite:
+        write_text(path, text)
+        return path
+    written = write_text_beside(path, text)
+    if written != path:
+        print(
+            f"warning: {flag} {path} appeared while this ran and was kept; wrote {written}",
+            file=sys.stderr,
+        )
+    return written

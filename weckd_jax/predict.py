@@ -13,7 +13,9 @@ chosen link (default: the last) restored from its final checkpoint
 Output: a short table on stdout and, with ``--output``, a CSV with the columns ``path``,
 ``predicted`` (a class name) and one probability column per class, headed by the class name, in
 the run's class order. Probabilities are written with six decimals. An existing ``--output`` file
-is refused (before anything is classified) unless ``--overwrite`` is given.
+is refused (before anything is classified) unless ``--overwrite`` is given; one that appears
+while the images are classified is kept, and the CSV goes to ``<stem>-1.csv`` instead (with a
+warning).
 
 An image that cannot be decoded is **skipped** with a warning naming it on stderr, and is absent
 from the CSV; the exit status is then still 0 (the warning says how many were skipped). Exit
@@ -344,13 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
 
-    def output_problem() -> str | None:
-        if not args.output:
-            return None
-        return files.output_problem(args.output, "--output", overwrite=args.overwrite)
-
     try:
-        if problem := output_problem():  # before classifying anything
+        if args.output and (  # before classifying anything
+            problem := files.output_problem(args.output, "--output", overwrite=args.overwrite)
+        ):
             raise PredictError(problem)
         paths = find_images(args.images)
         prediction = predict(args.workdir, paths, link=args.link, batch_size=args.batch_size)
@@ -368,11 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     if args.output:
-        if problem := output_problem():  # again: the file may have appeared meanwhile
-            print(f"error: {problem}", file=sys.stderr)
-            return 2
-        write_csv(args.output, prediction)
-        print(f"wrote {args.output}")
+        written = files.write_output(args.output, csv_text(prediction), "--output", args.overwrite)
+        print(f"wrote {written}")
     return 0
 
 
