@@ -50,11 +50,11 @@ from weckd_jax.data.types import DataError
 __all__ = [
     "Prediction",
     "PredictError",
+    "csv_text",
     "find_images",
     "load_results",
     "main",
     "predict",
-    "write_csv",
 ]
 
 DEFAULT_BATCH_SIZE = 256
@@ -293,11 +293,6 @@ def csv_text(prediction: Prediction) -> str:
     ):
         writer.writerow([path, label, *[f"{p:.6f}" for p in row]])
     return out.getvalue()
-
-
-def write_csv(path: str, prediction: Prediction) -> None:
-    """Writes `csv_text` to ``path`` atomically."""
-    files.write_text(path, csv_text(prediction))
 
 
 def table(prediction: Prediction, rows: int = TABLE_ROWS) -> str:
