@@ -280,3 +280,17 @@ def test_the_small_link_warning_suggests_a_batch_size_that_divides_over_the_devi
     else:
         assert warning.startswith(f"warning: link_2 trains on {images} images, fewer than ")
         assert warning.endswith(advice)
+
+
+def test_epoch_accuracy_counts_labelled_examples_not_steps():
+    # With chain.label_ratio < 1 batches hold different numbers of labels, some none at all.
+    job = chain.Job("link_2", 2, None, np.arange(8), np.ones(8, bool), teachers=("link_1",))
+    steps = [
+        {"loss": 1.0, "accuracy": 0.0, "labelled": 0.0, "temperature": 3.0},
+        {"loss": 2.0, "accuracy": 0.5, "labelled": 4.0, "temperature": 2.5},
+        {"loss": 3.0, "accuracy": 1.0, "labelled": 1.0, "temperature": 2.0},
+    ]
+    record = chain._epoch_record(job, 1, 3, steps, throughput=10.0)
+    assert record["accuracy"] == pytest.approx(3 / 5)  # 2 + 1 correct of 5 labelled
+    assert record["loss"] == pytest.approx(2.0) and record["temperature"] == 2.0
+    assert "labelled" not in record

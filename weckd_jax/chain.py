@@ -361,8 +361,15 @@ def _better(val: dict, loop: dict) -> bool:
 
 
 def _epoch_record(job: Job, epoch: int, step: int, step_metrics: list[dict], throughput) -> dict:
-    """The ``metrics.jsonl`` line of one epoch: means of the step metrics."""
-    summary = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+    """The ``metrics.jsonl`` line of one epoch: means of the step metrics; ``accuracy`` over the
+    epoch's labelled examples (steps weighted by their count, so a batch without labels, possible
+    with ``chain.label_ratio`` < 1, does not count as 0)."""
+    labelled = np.array([m["labelled"] for m in step_metrics])
+    summary = {
+        k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0] if k != "labelled"
+    }
+    correct = sum(m["accuracy"] * n for m, n in zip(step_metrics, labelled, strict=True))
+    summary["accuracy"] = float(correct / max(labelled.sum(), 1.0))
     if job.teachers:
         summary["temperature"] = step_metrics[-1]["temperature"]
     else:  # no teacher, no distillation terms

@@ -157,9 +157,9 @@ def make_train_step(
     is empty and ``batch`` also carries their outputs, computed once by `make_teacher_step`
     (exact only without random augmentation, which the step then refuses). ``metrics`` are
     batch means: ``loss``, ``ce``, ``kd``, ``at``, ``accuracy`` (labelled examples),
-    ``learning_rate``, ``temperature``, ``grad_norm`` and ``nonfinite`` (1 when the loss, the
-    gradients or the new weights or BatchNorm statistics hold a NaN/Inf; the state is then not
-    usable and the caller stops, as `chain` does).
+    ``labelled`` (their count), ``learning_rate``, ``temperature``, ``grad_norm`` and
+    ``nonfinite`` (1 when the loss, the gradients or the new weights or BatchNorm statistics hold
+    a NaN/Inf; the state is then not usable and the caller stops, as `chain` does).
 
     Cached: one compile per distinct (student, teachers, config, mesh).
     """
@@ -306,6 +306,7 @@ def _build_train_step(student, teachers, config, mesh) -> Callable:
             "kd": losses.masked_mean(parts["kd"]),
             "at": losses.masked_mean(parts["at"]),
             "accuracy": correct.sum() / jnp.maximum(labelled.sum(), 1),
+            "labelled": labelled.sum().astype(jnp.float32),
             "learning_rate": lr,
             "temperature": temp,
             "grad_norm": grad_norm,
