@@ -124,6 +124,42 @@ def test_launch_command_line_with_overrides(tmp_path):
     assert results["runtime"]["compiles"] == 3
     assert "gain of the last link over link 1" in out.stdout
     assert "test acc" in out.stdout
+    assert "note: no one-step KD baseline with chain.length < 3" in out.stdout
+
+
+def test_one_step_kd_is_the_last_link_taught_by_link_1(tmp_path, monkeypatch):
+    config = smoke_config()
+    with config.unlocked():
+        config.chain.length, config.chain.fraction, config.train.epochs = 3, 0.2, 1
+        config.baselines.union_supervised = config.baselines.full_supervised = False
+    fed = {}
+    original = pipeline.train_pipeline
+
+    def recording(data, index, label_mask, **kwargs):
+        fed[len(fed)] = (np.array(index), np.array(label_mask), kwargs["seed"])
+        return original(data, index, label_mask, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_pipeline", recording)
+    stream = io.StringIO()
+    results = chain.run(config, str(tmp_path), Progress(stream=stream))
+    link1, _, link3 = results["links"]
+    assert list(results["baselines"]) == ["one_step_kd"]
+    one_step = results["baselines"]["one_step_kd"]
+    assert one_step["teachers"] == ["link_1"] and link3["teachers"] == ["link_2"]
+    assert one_step["teacher_fingerprints"] == [link1["fingerprint"]]
+    assert one_step["fingerprint"] != link3["fingerprint"]
+    # The same images, labels, initialisation and data order as link 3: only the teacher differs.
+    assert (one_step["n_train"], one_step["n_labelled"]) == (link3["n_train"], link3["n_labelled"])
+    (index3, mask3, seed3), (index_kd, mask_kd, seed_kd) = fed[2], fed[3]
+    np.testing.assert_array_equal(index_kd, index3)
+    np.testing.assert_array_equal(mask_kd, mask3)
+    assert seed_kd == seed3
+    gain = link3["test"]["accuracy"] - one_step["test"]["accuracy"]
+    assert results["gains"]["last_minus_one_step_kd"] == gain
+    assert f"over one-step KD: {100 * gain:+.1f} points" in stream.getvalue()
+    report = (tmp_path / "report.md").read_text()
+    assert "minus one-step KD (the same student and images, taught by link 1 directly)" in report
+    assert "| one-step KD | resnet10 | link 1 |" in report
 
 
 def test_timer_counts_a_nested_phase_for_itself_alone(monkeypatch):

@@ -44,7 +44,8 @@ class Job:
 
     Attributes:
       name: ``link_1`` ... or a baseline name; names the checkpoint folder.
-      index: position in the run (seeds the job's initialisation and data order).
+      index: seeds the job's initialisation and data order; a link's number. The one-step KD
+        baseline shares the last link's, so that only its teacher differs.
       spec: the student's architecture.
       train_index: indices of its training images.
       label_mask: bool, one per training image: which keep their labels.
@@ -447,7 +448,11 @@ def make_run_splits(config, data: ImageSet) -> Splits:
 
 
 def plan_jobs(config, splits: Splits, num_classes: int) -> list[Job]:
-    """The links of the chain, then the enabled baselines, in training order."""
+    """The links of the chain, then the enabled baselines, in training order.
+
+    Baselines: ``union_supervised`` (the last link's backbone, supervised on the union of the
+    fractions with the chain's labels), ``full_supervised`` (on the whole train pool) and
+    ``one_step_kd`` (the last link's job with link 1 as its only teacher)."""
     names = config_lib.backbones(config)
     specs = [
         train.ModelSpec(
@@ -500,7 +505,24 @@ def plan_jobs(config, splits: Splits, num_classes: int) -> list[Job]:
                 label_mask=np.ones(len(splits.train), bool),
             )
         )
+    if runs_one_step_kd(config):
+        last_link = jobs[config.chain.length - 1]
+        warm = config.chain.init_from_teacher and specs[0] == last
+        jobs.append(
+            dataclasses.replace(
+                last_link,
+                name="one_step_kd",
+                teachers=("link_1",),
+                init_from="link_1" if warm else None,
+            )
+        )
     return jobs
+
+
+def runs_one_step_kd(config) -> bool:
+    """Whether the run has the one-step KD baseline: asked for, and a chain of 3 links or more
+    (with 2, link 2 is already link 1 distilled in one step)."""
+    return config.baselines.one_step_kd and config.chain.length >= 3
 
 
 def data_record(data: ImageSet) -> dict:
@@ -612,6 +634,11 @@ def run(
     report.print_data_summary(progress, data, splits)
     mesh = parallel.data_mesh()
     jobs = plan_jobs(config, splits, data.num_classes)
+    if config.baselines.one_step_kd and not runs_one_step_kd(config):
+        progress.print(
+            "note: no one-step KD baseline with chain.length < 3 (link 2 is link 1 distilled in "
+            "one step already); set baselines.one_step_kd=False to silence this"
+        )
     eval_kw = {"batch_size": config.train.eval_batch_size, "mesh": mesh, "timer": timer}
 
     records, test_probs = {}, {}
@@ -670,7 +697,7 @@ def run(
         "links": links,
         "baselines": {
             name: records[name]
-            for name in ("union_supervised", "full_supervised")
+            for name in ("union_supervised", "full_supervised", "one_step_kd")
             if name in records
         },
         "test_evaluated": use_test,
@@ -690,7 +717,7 @@ def run(
             files.write_json(os.path.join(workdir, "results.json"), results)
         report.print_results(progress, results)
         return results
-    results["gains"] = report.gains(links, records.get("union_supervised"))
+    results["gains"] = report.gains(links, results["baselines"])
     last = [job for job in jobs if job.name.startswith("link_")][-1]
     if last.name not in test_probs:  # reloaded from an earlier run: the figures need its outputs
         _, variables = restore_finished(workdir, last.name, mesh, data.images.shape[1:])

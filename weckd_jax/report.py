@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from weckd_jax.data.splits import Splits, class_counts
 from weckd_jax.data.types import ImageSet
+from weckd_jax.seeds import GAIN_BASELINES, GAIN_LABELS
 
 
 def data_record(config, data: ImageSet, splits: Splits) -> dict:
@@ -35,12 +36,14 @@ def data_record(config, data: ImageSet, splits: Splits) -> dict:
     return record
 
 
-def gains(links: list[dict], union: dict | None) -> dict:
-    """Test-accuracy gain of the last link over link 1 and over the union baseline."""
+def gains(links: list[dict], baselines: dict[str, dict]) -> dict:
+    """Test-accuracy gain of the last link over link 1 and over each baseline of
+    `seeds.GAIN_BASELINES` that ran: ``{"last_minus_link_1": .., "last_minus_<name>": ..}``."""
     last = links[-1]["test"]["accuracy"]
     out = {"last_minus_link_1": last - links[0]["test"]["accuracy"]}
-    if union is not None:
-        out["last_minus_union_supervised"] = last - union["test"]["accuracy"]
+    for name in GAIN_BASELINES:
+        if name in baselines:
+            out[f"last_minus_{name}"] = last - baselines[name]["test"]["accuracy"]
     return out
 
 
@@ -85,12 +88,10 @@ def print_results(progress, results: dict) -> None:
         progress.print(line)
     if "gains" in results:
         g = results["gains"]
-        line = f"gain of the last link over link 1: {100 * g['last_minus_link_1']:+.1f} points"
-        if "last_minus_union_supervised" in g:
-            line += (
-                f"; over the union baseline: {100 * g['last_minus_union_supervised']:+.1f} points"
-            )
-        progress.print(line)
+        progress.print(
+            "gain of the last link "
+            + "; ".join(f"{GAIN_LABELS[key]}: {100 * g[key]:+.1f} points" for key in g)
+        )
     else:
         progress.print("the test split was not evaluated")
     runtime = results["runtime"]
@@ -108,13 +109,10 @@ def print_summary(progress, summary: dict) -> None:
         acc = r["test"]["accuracy"]
         values = ", ".join(f"{v:.3f}" for v in acc["values"])
         progress.print(f"  {name:<18}{acc['mean']:.3f} ± {acc['std']:.3f}   ({values})")
-    for key, label in (
-        ("last_minus_link_1", "last link - link 1"),
-        ("last_minus_union_supervised", "last link - union baseline"),
-    ):
-        if key in summary["gains"]:
-            gain = summary["gains"][key]["accuracy"]
-            progress.print(
-                f"  {label:<28}{100 * gain['mean']:+.1f} ± {100 * gain['std']:.1f} points, "
-                f"better in {gain['wins']}/{gain['n']} seeds"
-            )
+    for key, gain in summary["gains"].items():
+        label = "last link " + GAIN_LABELS[key]
+        progress.print(
+            f"  {label:<34}{100 * gain['accuracy']['mean']:+.1f} ± "
+            f"{100 * gain['accuracy']['std']:.1f} points, better in "
+            f"{gain['accuracy']['wins']}/{gain['accuracy']['n']} seeds"
+        )

@@ -11,6 +11,7 @@ import os
 
 from weckd_jax import files
 from weckd_jax.figures import CHAIN_ACCURACY, CONFUSION_MATRIX, FIGURE_DIR, RELIABILITY
+from weckd_jax.seeds import GAIN_LABELS
 
 __all__ = ["render_report", "render_summary", "write_report", "write_summary"]
 
@@ -51,7 +52,9 @@ def _table(header: list[str], rows: list[list], align: list[str] | None = None) 
 
 
 def _model_label(name: str, record: dict) -> str:
-    return f"link {record['link']}" if "link" in record else name.replace("_", " ")
+    if "link" in record:
+        return f"link {record['link']}"
+    return "one-step KD" if name == "one_step_kd" else name.replace("_", " ")
 
 
 def _synthetic_note(data: dict) -> list[str]:
@@ -166,6 +169,11 @@ def render_report(results: dict, workdir: str = "") -> str:
     gains = results.get("gains", {})
     sentence = f"Test accuracy of link {last['link']} minus link 1: "
     sentence += f"**{_points(gains.get('last_minus_link_1'))} points**"
+    if "last_minus_one_step_kd" in gains:
+        sentence += (
+            "; minus one-step KD (the same student and images, taught by link 1 directly): "
+            f"**{_points(gains['last_minus_one_step_kd'])} points**"
+        )
     if "last_minus_union_supervised" in gains:
         sentence += (
             "; minus the union baseline (one backbone on the same labelled images): "
@@ -173,7 +181,7 @@ def render_report(results: dict, workdir: str = "") -> str:
         )
     lines += [sentence + ".", ""]
     others = [(f"over link {links[0]['link']}", links[0])]
-    others += [(f"over {n.replace('_', ' ')}", b) for n, b in baselines.items()]
+    others += [(f"over {_model_label(n, b)}", b) for n, b in baselines.items()]
     gain_rows = []
     for label, other in others:
         row = [label]
@@ -280,13 +288,9 @@ def render_summary(summary: dict, workdir: str = "") -> str:
     gains = summary.get("gains", {})
     if gains:
         last = links[-1]["link"]
-        labels = {
-            "last_minus_link_1": "over link 1",
-            "last_minus_union_supervised": "over union supervised",
-        }
         header = ["metric"]
         for key in gains:
-            header += [labels.get(key, key), "wins"]
+            header += [GAIN_LABELS.get(key, key), "wins"]
         gain_rows = []
         for metric, title in METRIC_COLUMNS:
             row = [title]
@@ -329,8 +333,9 @@ def write_summary(workdir: str, summary: dict) -> str:
     """Writes ``workdir/summary.md`` for a `weckd_jax.seeds.summarize` dict; returns its path.
 
     Tables: mean ± std of every link and baseline; the gains of the last link over link 1 and
-    over the union baseline, paired by seed, with wins; test accuracy per seed. Embeds
-    ``figures/chain_accuracy.png`` when it exists (`weckd_jax.figures.write_summary_figures`).
+    over the one-step KD and union baselines, paired by seed, with wins; test accuracy per seed.
+    Embeds ``figures/chain_accuracy.png`` when it exists
+    (`weckd_jax.figures.write_summary_figures`).
     """
     path = os.path.join(workdir, SUMMARY)
     files.write_text(path, render_summary(summary, workdir))

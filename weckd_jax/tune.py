@@ -181,7 +181,7 @@ def apply_params(config, params: dict, *, baselines: bool):
     """A copy of ``config`` with the tuned ``params`` (``{"train.learning_rate": 1e-3, ...}``) set.
 
     ``distill.t_min`` is capped at ``distill.t_max`` (the temperature anneals from t_max down to
-    t_min), so every trial is valid; without ``baselines`` both baselines are switched off.
+    t_min), so every trial is valid; without ``baselines`` all baselines are switched off.
     """
     c = copy.deepcopy(config)
     with c.unlocked():
@@ -193,8 +193,8 @@ def apply_params(config, params: dict, *, baselines: bool):
             node[name] = int(value) if isinstance(node[name], int) else float(value)
         c.distill.t_min = min(c.distill.t_min, c.distill.t_max)
         if not baselines:
-            c.baselines.union_supervised = False
-            c.baselines.full_supervised = False
+            for name in c.baselines:
+                c.baselines[name] = False
     return c
 
 
