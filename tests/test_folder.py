@@ -270,6 +270,21 @@ def test_manifest_groups_fixed_split_and_unlisted_images(tmp_path, caplog):
     assert mine.class_names == ("a", "b") and mine.groups is None and mine.split is None
 
 
+def test_group_regex_with_a_manifest_and_no_root_reads_paths_relative_to_the_manifest(tmp_path):
+    # The manifest's parent folder matches the regex too ("P9_"): an absolute path would give
+    # every image the id "P9", and an anchored regex would match no image at all.
+    base = tmp_path / "P9_study"
+    rows = ["path,label"]
+    for c, name in enumerate("ab"):
+        for p in range(3):
+            save_any(base / name / f"P{c}{p}" / f"P{c}{p}_1.png", 10 * c + p)
+            rows.append(f"{name}/P{c}{p}/P{c}{p}_1.png,{name}")
+    (base / "list.csv").write_text("\n".join(rows) + "\n")
+    for pattern in (r"(P\d+)_", r"^[^/]+/([^/]+)/"):
+        data = folder.load(data_config("", manifest=str(base / "list.csv"), group_regex=pattern))
+        assert len(np.unique(data.groups)) == 6, pattern
+
+
 def test_same_class_duplicates_are_skipped_with_a_warning(tmp_path, caplog):
     root = patient_folder(tmp_path / "d", patients=2, nested=False)
     first = sorted((root / "benign").iterdir())[0]

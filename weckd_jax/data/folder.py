@@ -23,7 +23,8 @@ Layout (``data.source = "folder"``, ``data.root = DIR``)::
     ones set to that split (with a warning), so a patient never straddles two splits.
 
 * ``data.group_regex`` (instead of a ``group`` column): a regular expression searched in each
-  image's path relative to ``DIR`` (``/``-separated); its first capture group is the patient id,
+  image's path relative to ``DIR`` (to the manifest's folder when ``data.root`` is empty;
+  ``/``-separated); its first capture group is the patient id,
   e.g. ``r"(P\\d+)_"`` for ``glioma/P001_slice07.png``, or ``r"^[^/]+/([^/]+)/"`` for one folder
   per patient (``glioma/P001/slice07.png``).
 
@@ -488,7 +489,7 @@ def find_duplicates(
 @dataclasses.dataclass(frozen=True)
 class _Entry:
     path: str  # absolute
-    rel: str  # relative to the root, "/"-separated (absolute when outside the root)
+    rel: str  # "/"-separated, relative to the root or manifest folder (absolute outside it)
     label: str
     group: str | None = None
     split: str = ""
@@ -704,7 +705,7 @@ def _read_manifest(path: str, root: str) -> tuple[list[_Entry], bool]:
             continue
         seen[key] = line
         entries.append(
-            _Entry(path=full, rel=_rel(full, root), label=label, group=group, split=split)
+            _Entry(path=full, rel=_rel(full, base), label=label, group=group, split=split)
         )
     problems = []
     if blank:
@@ -873,7 +874,7 @@ def load(data_config) -> ImageSet:
         entries = _scan_folders(root)
         where = f"under {root}"
     if pattern:
-        entries = _regex_groups(entries, pattern, root)
+        entries = _regex_groups(entries, pattern, root or os.path.dirname(manifest))
     entries.sort(key=lambda e: e.path)
     if any(e.split for e in entries) and any(e.group is not None for e in entries):
         entries = _fill_group_splits(entries)
