@@ -68,6 +68,22 @@ def test_splits_are_disjoint_stratified_and_sized(grouped):
         assert not set(groups[s.train]) & set(groups[s.test])
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_rounding_does_not_favour_the_first_fraction_in_every_class(grouped):
+    # 5 classes of 20 images: 13 train images per class, 1.3 per fraction. Ties used to go to
+    # fraction 1 in every class (10 / 5 / 5 images: link 1 had twice the data of links 2 and 3).
+    labels = _labels(20, 5)
+    groups = np.arange(len(labels)) if grouped else None
+    s = _make(labels, groups)
+    sizes = [len(f) for f in s.fractions]
+    assert max(sizes) - min(sizes) <= 1, sizes
+    for f in s.fractions:
+        assert np.abs(np.bincount(labels[f], minlength=5) - 1.3).max() < 1
+    # The same for val and test: 1.5 images each per class of 10 (9 / 9 in all, not 12 / 6).
+    s = _make(_labels(10, 6), val_fraction=0.15, test_fraction=0.15, num_fractions=1)
+    assert len(s.val) == len(s.test) == 9, (len(s.val), len(s.test))
+
+
 def test_label_masks_keep_the_requested_share_per_class():
     labels = _labels(400, 5)
     s = _make(labels, label_ratio=0.4)
