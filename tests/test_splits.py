@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from weckd_jax.data.splits import SplitError, Splits, check_disjoint, make_splits, partition
+from weckd_jax.data.splits import (
+    SplitError,
+    Splits,
+    check_disjoint,
+    label_mask,
+    make_splits,
+    partition,
+)
 
 
 def _labels(n_per_class=100, k=5):
@@ -92,6 +99,27 @@ def test_label_masks_keep_the_requested_share_per_class():
         kept = np.bincount(labels[f][m], minlength=5)
         total = np.bincount(labels[f], minlength=5)
         np.testing.assert_allclose(kept, np.round(0.4 * total), atol=1)
+
+
+def test_label_masks_keep_the_requested_share_of_a_small_fraction():
+    # 5 classes of 100: 33 / 33 / 32 images per fraction. At 0.05 each class's share is 0.33
+    # images, which per-class rounding made 0: no label anywhere, so link 1 learned nothing.
+    labels = _labels(100, 5)
+    for ratio in (0.05, 0.1, 0.3):
+        s = _make(labels, label_ratio=ratio)
+        for f, m in zip(s.fractions, s.label_masks, strict=True):
+            assert m.sum() == np.floor(ratio * len(f) + 0.5), (ratio, len(f), m.sum())
+            kept = np.bincount(labels[f][m], minlength=5)
+            assert np.abs(kept - ratio * np.bincount(labels[f], minlength=5)).max() < 1
+
+
+def test_label_mask_is_seeded_and_exact_on_whole_shares():
+    labels = np.repeat(np.arange(3), [10, 20, 30])
+    a, b = label_mask(labels, 0.5, seed=4), label_mask(labels, 0.5, seed=4)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.bincount(labels[a]), [5, 10, 15])
+    assert not np.array_equal(a, label_mask(labels, 0.5, seed=5))
+    assert label_mask(labels, 1.0, seed=0).all() and len(label_mask(labels[:0], 0.5, seed=0)) == 0
 
 
 def test_same_seed_same_splits_and_other_seed_differs():

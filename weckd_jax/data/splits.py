@@ -119,7 +119,8 @@ def make_splits(
       val_fraction, test_fraction: shares of the whole set for validation and test.
       num_fractions: chain length N (one disjoint fraction per link).
       fraction: share of the *train pool* each link gets (``num_fractions * fraction <= 1``).
-      label_ratio: share of each fraction that keeps its labels (the rest is unlabelled).
+      label_ratio: share of each fraction that keeps its labels (the rest is unlabelled):
+        ``round(label_ratio * len(fraction))`` images, spread over the classes (`label_mask`).
       seed: seeds every random choice.
       fixed_split: optional ``[N]`` strings ``"train"/"val"/"test"/""`` from a manifest; images with
         a non-empty value keep it and only the others are assigned.
@@ -148,23 +149,53 @@ def make_splits(
     )
     fractions = tuple(train[bins == k] for k in range(num_fractions))
 
-    masks = []
-    for k, idx in enumerate(fractions):
-        if label_ratio >= 1.0:
-            masks.append(np.ones(len(idx), bool))
-        else:
-            keep = partition(labels[idx], None, (label_ratio, 1 - label_ratio), seed=seed + 2 + k)
-            masks.append(keep == 0)
+    masks = tuple(
+        label_mask(labels[idx], label_ratio, seed=seed + 2 + k) for k, idx in enumerate(fractions)
+    )
     splits = Splits(
         train=train,
         val=val,
         test=test,
         fractions=fractions,
-        label_masks=tuple(masks),
+        label_masks=masks,
         split_by="image" if groups is None else "group",
     )
     check_disjoint(splits, groups)
     return splits
+
+
+def label_mask(labels: np.ndarray, label_ratio: float, *, seed: int) -> np.ndarray:
+    """Which images of one chain fraction keep their labels, class-stratified.
+
+    ``round(label_ratio * n)`` images in all: each class keeps ``floor(label_ratio * n_c)``, and
+    the rest of the total goes one each to the classes with the largest remainders (ties in a
+    seeded random order), so per-class rounding cannot add up to no label at all (5 classes of 6
+    images at 0.05 keep 2 images, not 0). Within a class the images are chosen at random.
+
+    Args:
+      labels: int ``[n]`` class of each image of the fraction.
+      label_ratio: share in ``(0, 1]``; 1 keeps every label.
+      seed: seeds the choice of classes and images.
+
+    Returns:
+      bool ``[n]``, True = labelled.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if label_ratio >= 1.0:
+        return np.ones(n, bool)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = label_ratio * counts
+    keep = np.floor(quota + 1e-9).astype(np.int64)
+    extra = int(np.clip(np.floor(label_ratio * n + 0.5) - keep.sum(), 0, len(classes)))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(classes))
+    order = order[np.argsort(-(quota - keep)[order], kind="stable")]
+    keep[order[:extra]] += 1
+    mask = np.zeros(n, bool)
+    for cls, k in zip(classes, keep, strict=True):
+        mask[rng.permutation(np.flatnonzero(labels == cls))[:k]] = True
+    return mask
 
 
 def check_disjoint(splits: Splits, groups: np.ndarray | None) -> None:
