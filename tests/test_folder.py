@@ -433,7 +433,19 @@ def test_check_enough_names_short_classes_and_the_fix(tmp_path):
     _check_enough(data, val_fraction=0.34, test_fraction=0.34, num_fractions=1, fraction=1.0)
 
 
-def _check_enough(data, *, val_fraction, test_fraction, num_fractions, fraction):
+def test_check_enough_refuses_a_first_fraction_without_labels(tmp_path):
+    root = tmp_path / "root"
+    for c in "ab":
+        for i in range(20):
+            save_any(root / c / f"{i}.png", 100 * (c == "b") + i)
+    data = folder.load(data_config(root))
+    kw = dict(val_fraction=0.2, test_fraction=0.2, num_fractions=1, fraction=0.5)
+    _check_enough(data, label_ratio=0.2, **kw)  # 12 images, 2 labelled
+    with pytest.raises(DataError, match=r"fraction 1 \(12 images\) keeps no label.*Fix: raise"):
+        _check_enough(data, label_ratio=0.04, **kw)
+
+
+def _check_enough(data, *, val_fraction, test_fraction, num_fractions, fraction, label_ratio=1.0):
     splits = make_splits(
         data.labels,
         data.groups,
@@ -441,7 +453,7 @@ def _check_enough(data, *, val_fraction, test_fraction, num_fractions, fraction)
         test_fraction=test_fraction,
         num_fractions=num_fractions,
         fraction=fraction,
-        label_ratio=1.0,
+        label_ratio=label_ratio,
         seed=0,
         fixed_split=data.split,
     )

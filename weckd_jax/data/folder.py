@@ -68,6 +68,7 @@ a ``group`` column and ``data.group_regex`` together  fatal
 an empty ``group`` cell                               fatal
 too few images/groups of a class for val, test and    fatal, in `check_enough`
   every chain fraction
+``chain.label_ratio`` leaving fraction 1 unlabelled   fatal, in `check_enough`
 non-image files (other extensions, e.g. ``.txt``,     skipped, warned (DICOM/NIfTI
   ``.dcm``), hidden files and folders, files            files with a conversion hint)
   directly in ``DIR``
@@ -962,8 +963,17 @@ def check_enough(
     answer is exact for the run's seed; ``val_fraction``, ``test_fraction`` and ``fraction`` (the
     settings that made it) only serve the message, which names the short classes, how many images
     (and groups) they have, the parts they miss, about how many per class the settings need, and
-    the fixes. Call it before training (cheap: no images are touched).
+    the fixes. Also raises when fraction 1 keeps no label (``chain.label_ratio`` too small for
+    its size): link 1 has no teacher and would learn nothing. Call it before training (cheap: no
+    images are touched).
     """
+    first = len(splits.fractions[0]) if splits.fractions else 0
+    if first and not np.any(splits.label_masks[0]):
+        raise DataError(
+            f"fraction 1 ({first} images) keeps no label with this chain.label_ratio, so link 1 "
+            "(no teacher: it learns from labels only) would learn nothing. Fix: raise "
+            f"chain.label_ratio to at least {1 / first:.3g}, or raise chain.fraction."
+        )
     num_fractions = len(splits.fractions)
     k = data.num_classes
     parts = [("val", splits.val), ("test", splits.test)]
