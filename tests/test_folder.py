@@ -352,6 +352,18 @@ def _manifest_header(root):
     return root
 
 
+def _manifest_latin1(root):
+    _two_classes(root)
+    (root / "manifest.csv").write_bytes("path,label\na/1.png,\xe9\nb/2.png,b\n".encode("latin-1"))
+    return root
+
+
+def _manifest_semicolons(root):
+    _two_classes(root)
+    (root / "manifest.csv").write_text("path;label\na/1.png;a\nb/2.png;b\n")
+    return root
+
+
 def _manifest_split_conflict(root):
     _two_classes(root)
     save_any(root / "b" / "3.png", 3)
@@ -379,6 +391,8 @@ def _empty_root(root):
         (_duplicate_across, {}, ["a/1.png [a]", "b/same.png [b]", "Fix: delete the copy"]),
         (_manifest_missing, {}, ["b/gone.png", "line 4", "do not exist", "Fix: correct"]),
         (_manifest_header, {}, ["no path and no label column", "Fix: the first line"]),
+        (_manifest_latin1, {}, ["is not UTF-8", "Fix: save it as UTF-8"]),
+        (_manifest_semicolons, {}, ["no path and no label column", "not ';'"]),
         (_manifest_split_conflict, {}, ["'P1'", "two splits", "a/1.png", "b/2.png", "same split"]),
         (_two_classes, {"group_regex": r"(P\d+)"}, ["no patient id", "a/1.png", "capture group"]),
         (_two_classes, {"group_regex": r"P\d+"}, ["no capture group", "Fix"]),

@@ -653,7 +653,12 @@ def _read_manifest(path: str, root: str) -> tuple[list[_Entry], bool]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"the manifest {path} is not UTF-8 text ({e}). Fix: save it as UTF-8 (e.g. 'CSV UTF-8' "
+            "in a spreadsheet program)."
+        ) from None
+    except (OSError, csv.Error) as e:
         raise DataError(f"cannot read the manifest {path}: {e}. {fix_header}") from None
     rows = [(n, row) for n, row in enumerate(rows, start=1) if any(c.strip() for c in row)]
     if not rows:
@@ -661,9 +666,11 @@ def _read_manifest(path: str, root: str) -> tuple[list[_Entry], bool]:
     header = [c.strip().lower() for c in rows[0][1]]
     missing = [c for c in ("path", "label") if c not in header]
     if missing:
+        other = [d for d in (";", "\t") if d in ",".join(rows[0][1])]
+        hint = f" Columns must be separated by commas, not {other[0]!r}." if other else ""
         raise DataError(
             f"the manifest {path} has no {' and no '.join(missing)} column (header: "
-            f"{','.join(rows[0][1])}). {fix_header}"
+            f"{','.join(rows[0][1])}). {fix_header}{hint}"
         )
     extra = [c for c in header if c not in ("path", "label", "group", "split")]
     if extra:
