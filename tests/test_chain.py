@@ -219,17 +219,18 @@ def test_data_fingerprint_sees_pixels_labels_groups_and_classes():
 
 
 def _bound_copy(smoke_run, tmp_path):
-    """A workdir bound to the smoke run's config and data, as after a crash in link 1."""
+    """A workdir bound to the smoke run's config, data and splits, as after a crash in link 1."""
     config, workdir, _ = smoke_run
     for name in ("config.json", "data.json"):
         shutil.copy(os.path.join(workdir, name), tmp_path / name)
     from weckd_jax import data as data_lib
 
-    return config, data_lib.load(config.data, seed=config.seed)
+    data = data_lib.load(config.data, seed=config.seed)
+    return config, data, chain.make_run_splits(config, data)
 
 
 def test_resuming_on_other_data_is_refused(smoke_run, tmp_path, monkeypatch):
-    config, original = _bound_copy(smoke_run, tmp_path)
+    config, original, splits = _bound_copy(smoke_run, tmp_path)
     labels = original.labels.copy()
     labels[0] = (labels[0] + 1) % original.num_classes  # one image relabelled
     monkeypatch.setattr(
@@ -240,19 +241,34 @@ def test_resuming_on_other_data_is_refused(smoke_run, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["config.json", "data.json"]  # nothing trained
     fewer = original.take(np.arange(len(original) - 1))
     with pytest.raises(DataError, match=f"started on {len(original)} images, the data has"):
-        chain.bind_workdir(config, str(tmp_path), fewer, writer=True)
+        chain.bind_workdir(config, str(tmp_path), fewer, splits, writer=True)
     # The same data is accepted without a word.
-    assert chain.bind_workdir(config, str(tmp_path), original, writer=True) is None
+    assert chain.bind_workdir(config, str(tmp_path), original, splits, writer=True) is None
+
+
+def test_resuming_on_splits_cut_otherwise_is_refused(smoke_run, tmp_path):
+    # E.g. a newer version whose splitting code rounds differently, on the same data.
+    config, data, splits = _bound_copy(smoke_run, tmp_path)
+    first, second = splits.fractions
+    swapped = dataclasses.replace(splits, fractions=(second, first))
+    with pytest.raises(DataError, match="holds a run on the same data but other splits"):
+        chain.bind_workdir(config, str(tmp_path), data, swapped, writer=True)
+    masks = tuple(~m for m in splits.label_masks)
+    with pytest.raises(DataError, match="other splits"):
+        chain.bind_workdir(
+            config, str(tmp_path), data, dataclasses.replace(splits, label_masks=masks), True
+        )
+    assert chain.bind_workdir(config, str(tmp_path), data, splits, writer=True) is None
 
 
 def test_resuming_on_the_same_examples_with_other_pixels_warns(smoke_run, tmp_path):
     # E.g. a preempted job resumed on another CPU type, whose numpy rounds the synthetic
     # images differently: the same examples and splits, so the run goes on.
-    config, original = _bound_copy(smoke_run, tmp_path)
+    config, original, splits = _bound_copy(smoke_run, tmp_path)
     images = original.images.copy()
     images[0, 0, 0, 0] ^= 1
     warning = chain.bind_workdir(
-        config, str(tmp_path), dataclasses.replace(original, images=images), writer=True
+        config, str(tmp_path), dataclasses.replace(original, images=images), splits, writer=True
     )
     assert warning.startswith("warning: the images decode to other pixels")
 

@@ -1,5 +1,7 @@
 """Splits, chain fractions and label masks: stratified, disjoint, group-whole, deterministic."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -7,6 +9,7 @@ from weckd_jax.data.splits import (
     SplitError,
     Splits,
     check_disjoint,
+    digest,
     label_mask,
     make_splits,
     partition,
@@ -183,3 +186,21 @@ def test_check_disjoint_catches_leakage():
 def test_bad_proportions_raise():
     with pytest.raises(SplitError, match="non-negative"):
         partition(np.zeros(4, int), None, (-1.0, 2.0), seed=0)
+
+
+def test_digest_sees_every_index_and_mask():
+    splits = _make(_labels(20), num_fractions=3, fraction=0.2, label_ratio=0.5)
+    assert digest(splits) == digest(
+        _make(_labels(20), num_fractions=3, fraction=0.2, label_ratio=0.5)
+    )
+    f1, f2, f3 = splits.fractions
+    m1, m2, m3 = splits.label_masks
+    changed = [
+        dataclasses.replace(splits, val=splits.val[::-1]),
+        dataclasses.replace(splits, test=splits.test[:-1]),
+        dataclasses.replace(splits, fractions=(f2, f1, f3)),
+        dataclasses.replace(splits, label_masks=(m1, m2, ~m3)),
+        dataclasses.replace(splits, train=np.append(splits.train[1:], splits.train[0])),
+    ]
+    digests = {digest(s) for s in changed}
+    assert len(digests) == len(changed) and digest(splits) not in digests

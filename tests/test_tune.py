@@ -45,7 +45,7 @@ def _tune_args(workdir, *extra, space=SPACE):
 def _bind(config, workdir):
     """Binds ``workdir`` to ``config`` and its data as `tune.run` binds a new study, so that
     trials can be queued in the study before it runs."""
-    chain.bind_workdir(config, str(workdir), chain.load_checked(config)[0], writer=True)
+    chain.bind_workdir(config, str(workdir), *chain.load_checked(config), writer=True)
 
 
 def _trials(workdir, config):

@@ -27,6 +27,7 @@ from weckd_jax.data import pipeline
 from weckd_jax.data import types as data_types
 from weckd_jax.data.folder import check_enough
 from weckd_jax.data.splits import Splits, make_splits
+from weckd_jax.data.splits import digest as splits_digest
 from weckd_jax.data.types import DataError, ImageSet
 from weckd_jax.metrics_log import MetricsLog
 from weckd_jax.progress import Progress, Timer
@@ -525,14 +526,18 @@ def runs_one_step_kd(config) -> bool:
     return config.baselines.one_step_kd and config.chain.length >= 3
 
 
-def data_record(data: ImageSet) -> dict:
+def data_record(data: ImageSet, splits: Splits | None = None) -> dict:
     """What ``data.json`` holds: the data's fingerprint (`data.types.fingerprint`: ``examples``
-    and ``pixels`` digests), image count and classes."""
-    return {
+    and ``pixels`` digests), image count and classes; with ``splits``, also their digest
+    (``splits``, `data.splits.digest`)."""
+    record = {
         **data_types.fingerprint(data),
         "images": len(data),
         "class_names": list(data.class_names),
     }
+    if splits is not None:
+        record["splits"] = splits_digest(splits)
+    return record
 
 
 def _write_new(path: str, value) -> None:
@@ -558,13 +563,14 @@ def check_workdir(config, workdir: str) -> None:
         )
 
 
-def bind_workdir(config, workdir: str, data: ImageSet, writer: bool) -> str | None:
-    """Binds ``workdir`` to ``data`` as well as ``config`` (whose `check_workdir` has passed):
-    refuses a workdir whose ``data.json`` names other examples, then writes ``config.json`` and
-    ``data.json`` where they are missing. Returns a warning when only the decoded pixels differ
-    (same examples, so the same splits). Called once the data has passed its checks, so a run that
-    stops on a config or data error leaves the workdir free for the corrected command."""
-    record = data_record(data)
+def bind_workdir(config, workdir: str, data: ImageSet, splits: Splits, writer: bool) -> str | None:
+    """Binds ``workdir`` to ``data`` and its ``splits`` as well as ``config`` (whose
+    `check_workdir` has passed): refuses a workdir whose ``data.json`` names other examples or
+    other splits, then writes ``config.json`` and ``data.json`` where they are missing. Returns a
+    warning when only the decoded pixels differ (same examples, so the same splits). Called once
+    the data has passed its checks, so a run that stops on a config or data error leaves the
+    workdir free for the corrected command."""
+    record = data_record(data, splits)
     path = os.path.join(workdir, "data.json")
     warning = None
     if os.path.exists(path):
@@ -576,6 +582,13 @@ def bind_workdir(config, workdir: str, data: ImageSet, writer: bool) -> str | No
                 "would mix two experiments (a finished link could even have trained on what is "
                 "now test data). Use a new --workdir for the new data, or restore the data the "
                 "run started on."
+            )
+        if saved.get("splits", record["splits"]) != record["splits"]:
+            raise DataError(
+                f"{workdir} holds a run on the same data but other splits: this version of "
+                "weckd_jax cuts the train/val/test splits, fractions or label masks differently "
+                "from the version that started the run. Resuming would mix two experiments. "
+                "Finish the run with the version that started it, or use a new --workdir."
             )
         if saved.get("pixels", record["pixels"]) != record["pixels"]:
             warning = (
@@ -628,7 +641,7 @@ def run(
 
     with timer("data"):
         data, splits = load_checked(config)
-        warning = bind_workdir(config, workdir, data, writer)
+        warning = bind_workdir(config, workdir, data, splits, writer)
     if warning:
         progress.print(warning)
     report.print_data_summary(progress, data, splits)

@@ -141,6 +141,12 @@ def _overlap(
     if saved["pixels"] != digests["pixels"] and not same_source:
         return other, None  # e.g. synthetic images of another difficulty: other images
     splits = chain.make_run_splits(ml_collections.ConfigDict(run_config), data)
+    if saved.get("splits", chain.splits_digest(splits)) != chain.splits_digest(splits):
+        return unknown, (
+            "this version of weckd_jax cuts the run's data into other splits than the version "
+            "that trained it, so which of these images the run trained on cannot be counted; "
+            "evaluate with the version that trained the run to count them"
+        )
     return {
         "same_data_as_run": True,
         "in_run_train_pool": int(np.isin(index, splits.train).sum()),

@@ -564,8 +564,8 @@ def run(
     check_study_dir(config, workdir)
     # The study is bound to its config and its data (config.json, data.json) once the data has
     # passed its checks, as a run is: every trial then trains on the same examples.
-    data, _ = chain.load_checked(config)
-    warning = chain.bind_workdir(config, workdir, data, writer=True)
+    data, splits = chain.load_checked(config)
+    warning = chain.bind_workdir(config, workdir, data, splits, writer=True)
     if warning:
         say(warning)
     # Our own lines report trials; a failing trial's error is raised (and reported) by us.

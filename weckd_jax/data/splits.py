@@ -8,6 +8,7 @@ two fractions; without groups each image is its own group and the partitions are
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 
@@ -196,6 +197,17 @@ def label_mask(labels: np.ndarray, label_ratio: float, *, seed: int) -> np.ndarr
     for cls, k in zip(classes, keep, strict=True):
         mask[rng.permutation(np.flatnonzero(labels == cls))[:k]] = True
     return mask
+
+
+def digest(splits: Splits) -> str:
+    """SHA-256 of every index and label mask of ``splits``, in order: equal iff the same splits.
+    A run keeps it in ``data.json``, so that a version of the package that cuts the same data
+    differently cannot resume or evaluate the run on other splits unnoticed."""
+    h = hashlib.sha256()
+    for part in (splits.train, splits.val, splits.test, *splits.fractions, *splits.label_masks):
+        h.update(np.asarray(part, np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
 
 
 def check_disjoint(splits: Splits, groups: np.ndarray | None) -> None:
