@@ -97,3 +97,15 @@ def test_write_output_keeps_a_file_that_appeared_and_says_where_the_output_went(
     )
     assert files.write_output(str(path), "third\n", "--output", overwrite=True) == str(path)
     assert path.read_text() == "third\n"
+
+
+def test_atomic_file_writes_bytes_and_keeps_the_old_file_on_an_error(tmp_path):
+    path = tmp_path / "figure.png"
+    with files.atomic_file(str(path), "wb") as f:
+        f.write(b"\x89PNG old")
+    failing = files.atomic_file(str(path), "wb", sync=False)
+    with pytest.raises(RuntimeError, match="rendering failed"), failing as f:
+        f.write(b"half")
+        raise RuntimeError("rendering failed")
+    assert path.read_bytes() == b"\x89PNG old"
+    assert os.listdir(tmp_path) == ["figure.png"]

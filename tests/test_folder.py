@@ -4,6 +4,7 @@ group-disjoint splits, every bad-input error, the on-disk cache, progress, and a
 import importlib
 import logging
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -486,6 +487,10 @@ def test_cache_hit_on_second_load_never_decodes(tmp_path, monkeypatch):
     entries = list(cache_dir.rglob("*.npy"))
     assert len(entries) == len(first)
     assert not list(cache_dir.rglob(".tmp-*"))  # atomic writes leave no temporaries
+    # Readable by everyone the umask lets read (not 0600): a cache folder can be shared.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE(e.stat().st_mode) for e in entries} == {0o666 & ~umask}
 
     def fail(*args, **kwargs):
         raise AssertionError("decoded although cached")

@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import os
+import stat
 import struct
 
 import numpy as np
@@ -311,9 +312,12 @@ def test_figures_are_readable_pngs(smoke_run, tmp_path):
         "confusion_matrix.png",
         "reliability.png",
     ]
+    umask = os.umask(0)
+    os.umask(umask)
     for path in paths:
         assert os.path.dirname(path) == os.path.join(str(tmp_path), "figures")
         _check_png(path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask  # as open() gives, not 0600
     # Without probabilities there is no reliability diagram; a rewrite replaces the files.
     again = figures.write_figures(str(tmp_path), results)
     assert [os.path.basename(p) for p in again] == ["chain_accuracy.png", "confusion_matrix.png"]

@@ -16,11 +16,12 @@ to a temporary name in the same folder, then renamed: a figure file is absent or
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from weckd_jax import files
 
 __all__ = [
     "CHAIN_ACCURACY",
@@ -57,17 +58,8 @@ _BASELINE_LABEL = {
 def _save(fig: Figure, path: str) -> str:
     """Renders ``fig`` with Agg and writes it to ``path`` atomically."""
     FigureCanvasAgg(fig)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with files.atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight")
     return path
 
 

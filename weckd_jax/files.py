@@ -7,18 +7,27 @@ check the command-line tools make before writing a file the user named.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import secrets
 import sys
+from collections.abc import Iterator
+from typing import IO
 
 
-def write_text(path: str, text: str, *, replace: bool = True) -> None:
-    """Writes ``text`` to ``path`` atomically, replacing any file there.
+@contextlib.contextmanager
+def atomic_file(
+    path: str, mode: str = "w", *, replace: bool = True, sync: bool = True
+) -> Iterator[IO]:
+    """A file opened (``mode`` ``"w"`` or ``"wb"``) under a temporary name next to ``path``, named
+    ``path`` when the block ends without an exception (deleted otherwise), replacing any file
+    there. The folders are created.
 
     With ``replace=False`` a file at ``path`` is never replaced, even one that appears while this
-    writes: raises FileExistsError instead.
+    writes: raises FileExistsError instead. ``sync`` flushes the data to the disk before the
+    rename, so that a crash leaves the old file or the new one, never an empty one.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -27,10 +36,11 @@ def write_text(path: str, text: str, *, replace: bool = True) -> None:
     # Not mkstemp: it creates 0600 whatever the umask. O_EXCL: never reuse someone else's file.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         if replace:
             os.replace(tmp, path)
         else:
@@ -38,6 +48,13 @@ def write_text(path: str, text: str, *, replace: bool = True) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_text(path: str, text: str, *, replace: bool = True) -> None:
+    """Writes ``text`` to ``path`` atomically (`atomic_file`), replacing any file there unless
+    ``replace=False`` (then FileExistsError)."""
+    with atomic_file(path, "w", replace=replace) as f:
+        f.write(text)
 
 
 def _link_new(tmp: str, path: str) -> None:

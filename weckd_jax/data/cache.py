@@ -22,11 +22,12 @@ written to is reported once and the run goes on without writing to it.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 
 import numpy as np
 from absl import logging
+
+from weckd_jax import files
 
 __all__ = ["ImageCache", "cache_root"]
 
@@ -92,16 +93,10 @@ class ImageCache:
         """Stores ``image`` under ``digest`` atomically; never raises for a cache problem."""
         if not self._writable:
             return
-        path = self._path(digest)
-        directory = os.path.dirname(path)
-        tmp = None
         try:
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npy")
-            with os.fdopen(fd, "wb") as f:
+            # No fsync: a cache entry lost in a crash is decoded again.
+            with files.atomic_file(self._path(digest), "wb", sync=False) as f:
                 np.save(f, np.ascontiguousarray(image, np.uint8), allow_pickle=False)
-            os.replace(tmp, path)
-            tmp = None
         except OSError as e:
             with self._lock:
                 if self._writable:
@@ -112,6 +107,3 @@ class ImageCache:
                         self.folder,
                         e,
                     )
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.remove(tmp)
