@@ -141,8 +141,16 @@ def test_fixed_split_column_is_honoured():
     fixed[:10] = "test"
     fixed[100:110] = "test"
     s = _make(labels, fixed_split=fixed)
-    assert set(range(10)) | set(range(100, 110)) <= set(s.test.tolist())
+    # A test set the manifest gives is the test set: no other image is added to it.
+    assert sorted(s.test.tolist()) == list(range(10)) + list(range(100, 110))
     assert not set(range(10)) & set(s.train.tolist())
+    # Validation is still drawn from the other images (15 % of them), stratified.
+    assert len(s.val) == round(0.15 * 180) and len(s.train) == 180 - len(s.val)
+    # Without a fixed test split, the free images are topped up to test_fraction as before.
+    fixed[fixed == "test"] = "val"
+    s = _make(labels, fixed_split=fixed)
+    assert set(range(10)) | set(range(100, 110)) <= set(s.val.tolist())
+    assert len(s.test) == round(0.2 * 180) and len(s.val) == 20
 
 
 def test_check_disjoint_catches_leakage():

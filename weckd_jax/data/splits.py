@@ -124,7 +124,9 @@ def make_splits(
         ``round(label_ratio * len(fraction))`` images, spread over the classes (`label_mask`).
       seed: seeds every random choice.
       fixed_split: optional ``[N]`` strings ``"train"/"val"/"test"/""`` from a manifest; images with
-        a non-empty value keep it and only the others are assigned.
+        a non-empty value keep it and only the others are assigned. A split that some images fix
+        (e.g. an official test set) is taken as given: the others get no share of it, and its
+        ``*_fraction`` goes to train.
 
     Returns:
       `Splits`; disjointness is checked by `check_disjoint` before returning.
@@ -138,7 +140,10 @@ def make_splits(
             assigned[fixed == name] = b
     free = np.flatnonzero(assigned < 0)
     if len(free):
-        props = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
+        props = [1.0 - val_fraction - test_fraction, val_fraction, test_fraction]
+        for b in (1, 2):  # a val or test split given by the manifest is not topped up
+            if (assigned == b).any():
+                props[0], props[b] = props[0] + props[b], 0.0
         free_groups = None if groups is None else np.asarray(groups)[free]
         assigned[free] = partition(labels[free], free_groups, props, seed=seed)
     train, val, test = (np.flatnonzero(assigned == b) for b in range(3))
