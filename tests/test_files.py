@@ -109,3 +109,12 @@ def test_atomic_file_writes_bytes_and_keeps_the_old_file_on_an_error(tmp_path):
         raise RuntimeError("rendering failed")
     assert path.read_bytes() == b"\x89PNG old"
     assert os.listdir(tmp_path) == ["figure.png"]
+
+
+def test_write_text_beside_raises_when_the_folder_is_a_file(tmp_path):
+    # os.makedirs raises FileExistsError for the folder, not for the name: every "-<n>" name
+    # fails the same way, so trying the next one would never end.
+    (tmp_path / "taken").write_text("a file where the folder should be")
+    with pytest.raises(FileExistsError):
+        files.write_text_beside(str(tmp_path / "taken" / "p.csv"), "x")
+    assert os.listdir(tmp_path) == ["taken"]

@@ -80,6 +80,8 @@ def write_text_beside(path: str, text: str) -> str:
             write_text(candidate, text, replace=False)
             return candidate
         except FileExistsError:
+            if not os.path.lexists(candidate):  # not the name: e.g. the folder is now a file
+                raise
             n += 1
             candidate = f"{stem}-{n}{suffix}"
 
