@@ -137,3 +137,20 @@ def test_a_run_whose_splits_this_version_cuts_otherwise_is_not_counted(smoke_run
     )
     assert record == {"same_data_as_run": None, "in_run_train_pool": None, "in_run_val": None}
     assert "cuts the run's data into other splits than the version that trained it" in note
+
+
+def test_a_run_without_a_splits_digest_is_not_counted(smoke_run, tmp_path):
+    # data.json of a version before the digest: its splits may have been cut by older rounding.
+    config, workdir, _ = smoke_run
+    with open(os.path.join(workdir, "config.json")) as f:
+        run_config = json.load(f)
+    with open(os.path.join(workdir, "data.json")) as f:
+        saved = json.load(f)
+    del saved["splits"]
+    (tmp_path / "data.json").write_text(json.dumps(saved))
+    data = data_lib.load(config.data, seed=config.seed)
+    record, note = evaluate._overlap(
+        str(tmp_path), run_config, run_config, data, np.arange(len(data)), chain.data_record(data)
+    )
+    assert record == {"same_data_as_run": None, "in_run_train_pool": None, "in_run_val": None}
+    assert "predates the record of its splits" in note

@@ -140,8 +140,14 @@ def _overlap(
         return other, None
     if saved["pixels"] != digests["pixels"] and not same_source:
         return other, None  # e.g. synthetic images of another difficulty: other images
+    if "splits" not in saved:  # written before data.json kept it; the splitting changed since
+        return unknown, (
+            "this run's data.json predates the record of its splits, and weckd_jax has cut data "
+            "into splits differently since, so which of these images the run trained on cannot "
+            "be counted; evaluate with the version that trained the run to count them"
+        )
     splits = chain.make_run_splits(ml_collections.ConfigDict(run_config), data)
-    if saved.get("splits", chain.splits_digest(splits)) != chain.splits_digest(splits):
+    if saved["splits"] != chain.splits_digest(splits):
         return unknown, (
             "this version of weckd_jax cuts the run's data into other splits than the version "
             "that trained it, so which of these images the run trained on cannot be counted; "
