@@ -46,7 +46,8 @@ class Job:
     Attributes:
       name: ``link_1`` ... or a baseline name; names the checkpoint folder.
       index: seeds the job's initialisation and data order; a link's number. The one-step KD
-        baseline shares the last link's, so that only its teacher differs.
+        baseline shares the last link's, so that only its teacher (and, with
+        ``chain.init_from_teacher``, the link it starts from) differs.
       spec: the student's architecture.
       train_index: indices of its training images.
       label_mask: bool, one per training image: which keep their labels.
