@@ -135,7 +135,7 @@ def test_a_run_whose_splits_this_version_cuts_otherwise_is_not_counted(smoke_run
     record, note = evaluate._overlap(
         str(tmp_path), run_config, run_config, data, index, chain.data_record(data)
     )
-    assert record == {"same_data_as_run": None, "in_run_train_pool": None, "in_run_val": None}
+    assert record == {"same_data_as_run": True, "in_run_train_pool": None, "in_run_val": None}
     assert "cuts the run's data into other splits than the version that trained it" in note
 
 
@@ -152,5 +152,5 @@ def test_a_run_without_a_splits_digest_is_not_counted(smoke_run, tmp_path):
     record, note = evaluate._overlap(
         str(tmp_path), run_config, run_config, data, np.arange(len(data)), chain.data_record(data)
     )
-    assert record == {"same_data_as_run": None, "in_run_train_pool": None, "in_run_val": None}
+    assert record == {"same_data_as_run": True, "in_run_train_pool": None, "in_run_val": None}
     assert "predates the record of its splits" in note

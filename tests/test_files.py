@@ -118,3 +118,13 @@ def test_write_text_beside_raises_when_the_folder_is_a_file(tmp_path):
     with pytest.raises(FileExistsError):
         files.write_text_beside(str(tmp_path / "taken" / "p.csv"), "x")
     assert os.listdir(tmp_path) == ["taken"]
+
+
+def test_write_output_names_the_file_it_cannot_write(tmp_path):
+    blocker = tmp_path / "out"
+    blocker.write_text("a file where a folder should be")
+    path = blocker / "p.csv"
+    with pytest.raises(files.OutputError) as error:
+        files.write_output(str(path), "x\n", "--output", overwrite=False)
+    assert str(error.value).startswith(f"--output {path} cannot be written (")
+    assert str(error.value).endswith("); choose another path and run again")

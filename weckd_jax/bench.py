@@ -236,7 +236,10 @@ def main(argv: list[str]) -> None:
     result = run(config, repeats=_REPEATS.value, steps=_STEPS.value)
     print_table(result)
     if _JSON.value:
-        files.write_output(_JSON.value, files.json_text(result), "--json", _OVERWRITE.value)
+        try:
+            files.write_output(_JSON.value, files.json_text(result), "--json", _OVERWRITE.value)
+        except files.OutputError as e:
+            cli.fail(f"{e} (the table above holds the results)")
 
 
 if __name__ == "__main__":

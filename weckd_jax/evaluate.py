@@ -140,15 +140,17 @@ def _overlap(
         return other, None
     if saved["pixels"] != digests["pixels"] and not same_source:
         return other, None  # e.g. synthetic images of another difficulty: other images
+    # The run's data, but its splits may not be recomputable: then the counts are unknown.
+    same_splits_unknown = {**unknown, "same_data_as_run": True}
     if "splits" not in saved:  # written before data.json kept it; the splitting changed since
-        return unknown, (
+        return same_splits_unknown, (
             "this run's data.json predates the record of its splits, and weckd_jax has cut data "
             "into splits differently since, so which of these images the run trained on cannot "
             "be counted; evaluate with the version that trained the run to count them"
         )
     splits = chain.make_run_splits(ml_collections.ConfigDict(run_config), data)
     if saved["splits"] != chain.splits_digest(splits):
-        return unknown, (
+        return same_splits_unknown, (
             "this version of weckd_jax cuts the run's data into other splits than the version "
             "that trained it, so which of these images the run trained on cannot be counted; "
             "evaluate with the version that trained the run to count them"
@@ -253,8 +255,8 @@ def evaluate_workdir(
     if n_train:
         notes.append(
             f"{n_train} of the {len(index)} images are in this run's train pool: the models "
-            "were trained on them (the links on their fractions, the baselines on more), so "
-            "these metrics are optimistic"
+            "were trained on them (the links and one-step KD on their fractions, the other "
+            "baselines on more), so these metrics are optimistic"
         )
     if n_val:
         notes.append(

@@ -122,15 +122,26 @@ def output_problem(path: str, flag: str, *, overwrite: bool = False) -> str | No
     return None
 
 
+class OutputError(OSError):
+    """A tool's output file cannot be written; the message names it and the fix."""
+
+
 def write_output(path: str, text: str, flag: str, overwrite: bool) -> str:
     """Writes a tool's finished output to the file the user named with ``flag``; returns the
     path written. Replaces a file there only with ``overwrite``. Without it, a file that appeared
     at ``path`` while the tool ran is kept, and the output goes to `write_text_beside`'s free
-    name, with a warning on stderr (the check before the work, `output_problem`, saw no file)."""
-    if overwrite:
-        write_text(path, text)
-        return path
-    written = write_text_beside(path, text)
+    name, with a warning on stderr (the check before the work, `output_problem`, saw no file).
+    Raises `OutputError` when the file cannot be written (e.g. the folder became unwritable)."""
+    try:
+        if overwrite:
+            write_text(path, text)
+            return path
+        written = write_text_beside(path, text)
+    except OSError as e:
+        raise OutputError(
+            f"{flag} {path} cannot be written ({e.strerror or e}); choose another path and run "
+            "again"
+        ) from e
     if written != path:
         print(
             f"warning: {flag} {path} appeared while this ran and was kept; wrote {written}",

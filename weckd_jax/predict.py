@@ -362,7 +362,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     if args.output:
-        written = files.write_output(args.output, csv_text(prediction), "--output", args.overwrite)
+        try:
+            written = files.write_output(
+                args.output, csv_text(prediction), "--output", args.overwrite
+            )
+        except files.OutputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"wrote {written}")
     return 0
 

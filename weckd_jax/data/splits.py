@@ -121,7 +121,8 @@ def make_splits(
       num_fractions: chain length N (one disjoint fraction per link).
       fraction: share of the *train pool* each link gets (``num_fractions * fraction <= 1``).
       label_ratio: share of each fraction that keeps its labels (the rest is unlabelled):
-        ``round(label_ratio * len(fraction))`` images, spread over the classes (`label_mask`).
+        ``label_ratio * len(fraction)`` images rounded half up, spread over the classes
+        (`label_mask`).
       seed: seeds every random choice.
       fixed_split: optional ``[N]`` strings ``"train"/"val"/"test"/""`` from a manifest; images with
         a non-empty value keep it and only the others are assigned. A split that some images fix
@@ -173,10 +174,11 @@ def make_splits(
 def label_mask(labels: np.ndarray, label_ratio: float, *, seed: int) -> np.ndarray:
     """Which images of one chain fraction keep their labels, class-stratified.
 
-    ``round(label_ratio * n)`` images in all: each class keeps ``floor(label_ratio * n_c)``, and
-    the rest of the total goes one each to the classes with the largest remainders (ties in a
-    seeded random order), so per-class rounding cannot add up to no label at all (5 classes of 6
-    images at 0.05 keep 2 images, not 0). Within a class the images are chosen at random.
+    ``label_ratio * n`` images in all, rounded half up: each class keeps
+    ``floor(label_ratio * n_c)``, and the rest of the total goes one each to the classes with the
+    largest remainders (ties in a seeded random order), so per-class rounding cannot add up to no
+    label at all (5 classes of 6 images at 0.05 keep 2 images, not 0). Within a class the images
+    are chosen at random.
 
     Args:
       labels: int ``[n]`` class of each image of the fraction.
