@@ -5,10 +5,12 @@ import importlib
 import logging
 import os
 import stat
+import struct
+import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, features
 
 from tests.conftest import smoke_config
 from weckd_jax import chain, checkpoints
@@ -56,6 +58,49 @@ def save_any(path, seed):
     if seed % 2:
         return save(path, noise(seed, (h, w, 4)))  # RGBA PNG
     return save(path, noise(seed, (h, w, 3)))
+
+
+def png16(path, array):
+    """A 16-bit-per-sample PNG of uint16 ``[H, W, C]``: C = 2 gray+alpha, 3 RGB, 4 RGBA."""
+    h, w, c = array.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in array)
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def tiff16(path, array, order="<", deflate=False, planar=False):
+    """A one-strip 16-bit-per-sample RGB(A) TIFF of uint16 ``[H, W, C]`` (deflate: via libtiff)."""
+    h, w, c = array.shape
+    pixels = np.moveaxis(array, 2, 0) if planar else array
+    data = np.ascontiguousarray(pixels).astype(order + "u2").tobytes()
+    data = zlib.compress(data) if deflate else data
+    # (tag, type 3 = SHORT / 4 = LONG, count, value); 258 and 273 point past the tags.
+    tags = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, c, None), (259, 3, 1, 8 if deflate else 1)]
+    tags += [(262, 3, 1, 2), (273, 4, 1, None), (277, 3, 1, c), (278, 4, 1, h)]
+    tags += [(279, 4, 1, len(data)), (284, 3, 1, 2 if planar else 1)]
+    tags += [(338, 3, 1, 2)] if c == 4 else []
+    bits_at = 8 + 2 + 12 * len(tags) + 4
+    out = (b"II" if order == "<" else b"MM") + struct.pack(order + "HIH", 42, 8, len(tags))
+    for tag, kind, count, value in tags:
+        value = {258: bits_at, 273: bits_at + 2 * c}.get(tag, value)
+        if kind == 3 and count == 1:  # a SHORT value fills the first 2 of 4 bytes
+            out += struct.pack(order + "HHIHH", tag, kind, count, value, 0)
+        else:
+            out += struct.pack(order + "HHII", tag, kind, count, value)
+    path.write_bytes(out + struct.pack(order + f"I{c}H", 0, *[16] * c) + data)
+    return path
 
 
 EXTENSIONS = (".png", ".jpg", ".bmp", ".tif")
@@ -133,6 +178,53 @@ def test_decode_16bit_scales_min_max_without_clipping(tmp_path, ext):
     # 12-bit data stored as 16-bit (0..4095) still fills the range (not divided by 257).
     twelve = save(tmp_path / f"t{ext}", (ramp // 8).astype(np.uint16))
     assert folder.decode_image(twelve, image_size=S, channels=3).max() == 255
+
+
+TWELVE_BIT_RGB = noise(7, (S, S, 3), np.uint16, 4096)  # 12-bit colour stored in 16 bits
+
+
+def scaled(values):
+    """The expected 0..255 scaling of 16-bit samples: one min..max for all channels."""
+    lo, hi = values.min(), values.max()
+    return np.rint((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: png16(p / "c.png", TWELVE_BIT_RGB),
+        lambda p: tiff16(p / "le.tif", TWELVE_BIT_RGB, "<"),
+        lambda p: tiff16(p / "be.tif", TWELVE_BIT_RGB, ">"),
+        pytest.param(
+            lambda p: tiff16(p / "deflate.tif", TWELVE_BIT_RGB, ">", deflate=True),
+            marks=pytest.mark.skipif(not features.check("libtiff"), reason="no libtiff"),
+        ),
+    ],
+    ids=["png", "tiff-le", "tiff-be", "tiff-deflate"],
+)
+def test_decode_16bit_colour_at_full_precision_scaled_like_16bit_gray(tmp_path, make):
+    path = make(tmp_path)
+    assert Image.open(path).mode == "RGB"  # Pillow alone keeps the top 8 bits: 0..15 here
+    out = folder.decode_image(path, image_size=S, channels=3)
+    np.testing.assert_array_equal(out, scaled(TWELVE_BIT_RGB))
+
+
+def test_decode_16bit_rgba_composites_over_black_and_refuses_what_it_cannot_decode(tmp_path):
+    alpha = np.zeros((S, S, 1), np.uint16)
+    alpha[:, : S // 2] = 65535
+    path = png16(tmp_path / "a.png", np.concatenate([TWELVE_BIT_RGB, alpha], axis=2))
+    out = folder.decode_image(path, image_size=S, channels=3)
+    np.testing.assert_array_equal(out[:, : S // 2], scaled(TWELVE_BIT_RGB)[:, : S // 2])
+    assert (out[:, S // 2 :] == 0).all()
+    # 16-bit gray + alpha, and planar 16-bit RGB: Pillow cannot give their full precision.
+    gray_alpha = png16(tmp_path / "la.png", np.concatenate([TWELVE_BIT_RGB[:, :, :1], alpha], 2))
+    planar = tiff16(tmp_path / "planar.tif", TWELVE_BIT_RGB, planar=True)
+    for path in (gray_alpha, planar):
+        with pytest.raises(DataError) as e:
+            folder.decode_image(path, image_size=S, channels=3)
+        message = str(e.value)
+        assert path.name in message and "16 bits per channel" in message, message
+        assert "Fix: convert them to 8 bits per channel" in message, message
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,8 @@ Layout (``data.source = "folder"``, ``data.root = DIR``)::
 * Class names are the sorted names of the folders directly under ``DIR``; labels index them.
   Folders nested under a class folder belong to that class.
 * Images: PNG, JPEG, BMP, TIFF (``.png .jpg .jpeg .bmp .tif .tiff``, any case); RGB, RGBA,
-  palette, 1-bit, grayscale and 16-bit grayscale; any size. Decoded with Pillow.
+  palette, 1-bit, grayscale, 16-bit grayscale and 16-bit-per-channel RGB/RGBA (PNG, TIFF); any
+  size. Decoded with Pillow.
 * Optional manifest: ``DIR/manifest.csv`` or ``data.manifest`` (a CSV file anywhere), with a header
   naming the columns ``path,label[,group][,split]``:
 
@@ -34,9 +35,11 @@ Preprocessing (`decode_image`, the one function training, TFDS and prediction al
    orientation. A large JPEG is decoded at a reduced DCT scale (Pillow's ``draft``: 1/2, 1/4 or
    1/8, never below twice the final size), which is several times faster.
 2. Intensities: 16-bit (and 32-bit/float) grayscale is scaled linearly from the image's own
-   minimum..maximum to 0..255 (nothing is clipped; a constant image becomes 0); transparency is
-   composited over black; then RGB (``channels=3``, grayscale replicated) or grayscale
-   (``channels=1``, ITU-R 601-2 luma for colour images).
+   minimum..maximum to 0..255 (nothing is clipped; a constant image becomes 0); so is 16-bit
+   colour, with one minimum..maximum for all its channels (hues are kept), decoded at full
+   precision (Pillow alone keeps the top 8 bits); transparency is composited over black; then RGB
+   (``channels=3``, grayscale replicated) or grayscale (``channels=1``, ITU-R 601-2 luma for
+   colour images).
 3. Aspect ratio is kept: the longer side is resized to ``image_size`` (bicubic, antialiased) and
    the shorter side is padded with black, centred ("letterbox"). Nothing is cropped away (a lesion
    at the border of a frame stays in the image) and nothing is stretched. Square images are only
@@ -54,7 +57,9 @@ images directly in ``DIR`` but no class folders       fatal
 a class folder with no images                         fatal
 a single class                                        fatal
 an image that cannot be decoded (damaged, truncated,  fatal, all such files listed at once
-  not really an image, unsupported mode)
+  not really an image, unsupported mode, over 8
+  bits per channel in a layout Pillow cuts to 8:
+  16-bit gray + alpha, CMYK, planar TIFF)
 an image over Pillow's decompression-bomb limit       fatal (the limit stays on)
 the same content in two classes (by SHA-256)          fatal (conflicting labels)
 the same content twice in one class                   later copies skipped, warned
@@ -98,7 +103,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 from absl import logging
-from PIL import Image, ImageOps
+from PIL import Image
 
 from weckd_jax.data import cache as cache_lib
 from weckd_jax.data.splits import Splits, class_counts
@@ -115,7 +120,7 @@ __all__ = [
 ]
 
 # Raise whenever `preprocess` changes what it returns: it is part of every cache key.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MANIFEST_NAME = "manifest.csv"
 SPLIT_VALUES = ("train", "val", "test")
@@ -129,6 +134,19 @@ _UNSUPPORTED_HINTS = {
     ".nrrd": "NRRD",
 }
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# Raw modes of 16-bit-per-channel colour that `_full_depth_colour` decodes at full precision (Pillow
+# keeps only the top 8 bits of each sample), and the opposite byte order of each (N: native).
+_FULL_DEPTH_RAWMODE = re.compile(r"(RGB|RGBA|RGBX);16[BLN]")
+_OTHER_BYTE_ORDER = {"B": "L", "L": "B", "N": "B" if sys.byteorder == "little" else "L"}
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _LIST_LIMIT = 20
 
@@ -137,13 +155,29 @@ _FIX_DAMAGED = (
     "re-copy or re-export these files, or delete them (with a manifest: leave them out of it) "
     "to train without them"
 )
+# For each `_BadImage` kind: what is wrong with the images, and the fix.
+_BAD_IMAGE_FIXES = {
+    "damaged": ("cannot be decoded", _FIX_DAMAGED),
+    "depth": (
+        "have more than 8 bits per channel in a layout Pillow cannot decode at full precision (at "
+        "best it keeps the top 8 bits: 12-bit data comes out nearly black)",
+        "convert them to 8 bits per channel, stretched to the full 0..255 range (12-bit data "
+        "divided by 257 comes out nearly black), or to 16-bit RGB/RGBA PNG or TIFF (one plane, "
+        "not CMYK), or to 16-bit grayscale without alpha",
+    ),
+    "bomb": (
+        "are too large to decode safely",
+        "downscale or tile them below Pillow's limit (PIL.Image.MAX_IMAGE_PIXELS = {limit} "
+        "pixels); the limit guards against decompression bombs and stays on",
+    ),
+}
 
 
 # --------------------------------------------------------------------------- preprocessing
 
 
 class _BadImage(Exception):
-    """An image that cannot be used; ``kind`` picks the fix ("damaged" or "bomb")."""
+    """An image that cannot be used; ``kind`` picks the fix ("damaged", "depth" or "bomb")."""
 
     def __init__(self, reason: str, kind: str = "damaged"):
         super().__init__(reason)
@@ -169,6 +203,85 @@ def _check_size(image_size) -> int:
     return int(image_size)
 
 
+def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
+    """``values`` (any shape, real dtype) scaled linearly from their own min..max to uint8 0..255.
+
+    One scale for the whole array (colour channels keep their ratios); NaN counts as 0; nothing is
+    clipped; a constant array becomes 0.
+    """
+    values = np.nan_to_num(np.asarray(values, dtype=np.float64))
+    lo, hi = float(values.min()), float(values.max())
+    scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+    return np.rint(scaled).astype(np.uint8)
+
+
+def _rawmode(tile) -> str:
+    """The raw mode of a Pillow tile: its args, or their first item ("" when that is no text)."""
+    args = tile[3]
+    if isinstance(args, tuple) and args:
+        args = args[0]
+    return args if isinstance(args, str) else ""
+
+
+def _deep_colour(image: Image.Image) -> bool:
+    """Whether an unloaded image has over 8 bits per channel that Pillow would cut to 8 bits.
+
+    True for 16-bit-per-channel RGB/RGBA PNG and TIFF (raw modes like ``RGB;16B``), which
+    `_full_depth_colour` decodes. Raises `_BadImage` ("depth") for other such layouts (16-bit gray
+    with alpha, CMYK, planar TIFF, over 16 bits): Pillow cannot give their full precision.
+    Grayscale modes that keep the precision (``I;16``, ``I``, ``F``) are False.
+    """
+    if image.mode in _HIGH_DEPTH_MODES:
+        return False
+    rawmodes = sorted({_rawmode(tile) for tile in image.tile})
+    bits = tuple(getattr(image, "tag_v2", {}).get(258, ()))  # TIFF BitsPerSample
+    wide = any(r.endswith((";16B", ";16L", ";16N")) for r in rawmodes)
+    if not wide and max(bits, default=8) <= 8:
+        return False
+    if (
+        bits in ((), (16, 16, 16), (16, 16, 16, 16))
+        and rawmodes
+        and all(_FULL_DEPTH_RAWMODE.fullmatch(r) for r in rawmodes)
+    ):
+        return True
+    depth = "/".join(map(str, bits)) if bits else "16"
+    raise _BadImage(
+        f"{depth} bits per channel ({image.mode}, Pillow raw mode {', '.join(rawmodes) or 'none'})",
+        kind="depth",
+    )
+
+
+def _other_byte_order(tile):
+    """The same Pillow tile with its 16-bit raw mode in the other byte order (``;16B``/``;16L``)."""
+    rawmode = _rawmode(tile)
+    swapped = rawmode[:-1] + _OTHER_BYTE_ORDER[rawmode[-1]]
+    args = swapped if isinstance(tile[3], str) else (swapped, *tile[3][1:])
+    return tile._replace(args=args) if hasattr(tile, "_replace") else (*tile[:3], args)
+
+
+def _full_depth_colour(source: bytes, image: Image.Image) -> Image.Image:
+    """A 16-bit-per-channel RGB/RGBA image as 8-bit RGB/RGBA, scaled like 16-bit grayscale.
+
+    ``image``: ``source`` opened and loaded by Pillow, which keeps each sample's most significant
+    byte. Decompression and PNG un-filtering work on bytes before Pillow unpacks samples, so
+    decoding ``source`` again with the opposite byte order gives the least significant bytes, and
+    ``high * 256 + low`` is each exact 16-bit sample. The colour channels are scaled together from
+    the image's own minimum..maximum to 0..255 (`_scale_to_uint8`: 12-bit data fills the range,
+    hues are kept); alpha is scaled 0..65535 to 0..255.
+    """
+    high = np.asarray(image, dtype=np.uint16)
+    with Image.open(io.BytesIO(source)) as swapped:
+        swapped.tile = [_other_byte_order(tile) for tile in swapped.tile]
+        swapped.load()
+        low = np.asarray(swapped, dtype=np.uint16)
+    samples = high << 8 | low
+    pixels = _scale_to_uint8(samples[:, :, :3])
+    if samples.shape[2] == 4:
+        alpha = np.rint(samples[:, :, 3:] / 257.0).astype(np.uint8)
+        pixels = np.concatenate([pixels, alpha], axis=2)
+    return Image.fromarray(pixels)
+
+
 def preprocess(image: Image.Image, *, image_size: int, channels: int) -> np.ndarray:
     """A decoded Pillow image as uint8 ``[S, S, C]``: intensity scaling, channels, letterbox.
 
@@ -176,10 +289,7 @@ def preprocess(image: Image.Image, *, image_size: int, channels: int) -> np.ndar
     decoder). ``channels`` is 1 or 3.
     """
     if image.mode in _HIGH_DEPTH_MODES:
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        lo, hi = float(values.min()), float(values.max())
-        scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
-        image = Image.fromarray(np.rint(scaled).astype(np.uint8), "L")
+        image = Image.fromarray(_scale_to_uint8(np.asarray(image)), "L")
     elif image.mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
@@ -217,6 +327,7 @@ def _open_and_preprocess(source: bytes, *, image_size: int, channels: int, name:
             frames = getattr(image, "n_frames", 1)
             if frames > 1:
                 logging.warning("%s has %d frames (pages); only the first is used", name, frames)
+            deep = _deep_colour(image)  # reads the tile: before loading
             if image.format == "JPEG":  # DCT-domain downscale while >= 2x the letterboxed size
                 longest = max(image.width, image.height)
                 image.draft(
@@ -227,8 +338,11 @@ def _open_and_preprocess(source: bytes, *, image_size: int, channels: int, name:
                     ),
                 )
             image.load()
-            if image.getexif().get(0x0112, 1) in (2, 3, 4, 5, 6, 7, 8):
-                image = ImageOps.exif_transpose(image)
+            transpose = _EXIF_TRANSPOSE.get(image.getexif().get(0x0112, 1))
+            if deep:
+                image = _full_depth_colour(source, image)
+            if transpose is not None:
+                image = image.transpose(transpose)
             return preprocess(image, image_size=image_size, channels=channels)
     except _BadImage:
         raise
@@ -247,22 +361,13 @@ def _open_and_preprocess(source: bytes, *, image_size: int, channels: int, name:
 def _bad_image_error(failures: Sequence[tuple[str, _BadImage]], where: str) -> DataError:
     """One `DataError` listing every image that could not be used, with the fix for each kind."""
     parts = []
-    damaged = [(n, e) for n, e in failures if e.kind != "bomb"]
-    bombs = [(n, e) for n, e in failures if e.kind == "bomb"]
-    if damaged:
-        parts.append(
-            f"{len(damaged)} image(s) {where} cannot be decoded:\n"
-            + _listing([f"{n}: {e}" for n, e in damaged])
-            + f"\nFix: {_FIX_DAMAGED}."
-        )
-    if bombs:
-        parts.append(
-            f"{len(bombs)} image(s) {where} are too large to decode safely:\n"
-            + _listing([f"{n}: {e}" for n, e in bombs])
-            + "\nFix: downscale or tile them below Pillow's limit (PIL.Image.MAX_IMAGE_PIXELS = "
-            f"{Image.MAX_IMAGE_PIXELS} pixels); the limit guards against decompression bombs "
-            "and stays on."
-        )
+    for kind, (problem, fix) in _BAD_IMAGE_FIXES.items():
+        listed = [f"{n}: {e}" for n, e in failures if e.kind == kind]
+        if listed:
+            parts.append(
+                f"{len(listed)} image(s) {where} {problem}:\n{_listing(listed)}\n"
+                f"Fix: {fix.format(limit=Image.MAX_IMAGE_PIXELS)}."
+            )
     return DataError("\n".join(parts))
 
 
@@ -285,7 +390,8 @@ def decode_bytes(data: bytes, *, image_size: int, channels: int, name: str = "im
 def decode_image(path: str | os.PathLike, *, image_size: int, channels: int) -> np.ndarray:
     """THE preprocessing of training: an image file as uint8 ``[image_size, image_size, C]``.
 
-    Pillow decode (first frame, EXIF orientation), 16-bit grayscale scaled min..max to 0..255,
+    Pillow decode (first frame, EXIF orientation), 16-bit grayscale (and 16-bit colour, all
+    channels together) scaled min..max to 0..255,
     transparency over black, RGB (``channels`` 3, or 0 as for folders) or grayscale (1), then the
     longer side resized to ``image_size`` and the shorter side padded with black, centred.
 
