@@ -270,6 +270,9 @@ def test_decode_errors_name_the_file_and_the_fix(tmp_path):
         folder.decode_image(tmp_path / "text.png", image_size=S, channels=3)
     with pytest.raises(DataError, match="data.channels=2"):
         folder.decode_image(tmp_path / "text.png", image_size=S, channels=2)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"(?s)empty.png: empty file \(0 bytes\).*Fix: re-copy"):
+        folder.decode_image(tmp_path / "empty.png", image_size=S, channels=3)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -410,6 +413,12 @@ def _fake_image(root):
     return root
 
 
+def _empty_image(root):
+    _two_classes(root)
+    (root / "b" / "empty.png").write_bytes(b"")
+    return root
+
+
 def _duplicate_across(root):
     _two_classes(root)
     (root / "b" / "same.png").write_bytes((root / "a" / "1.png").read_bytes())
@@ -481,6 +490,7 @@ def _empty_root(root):
         (_images_at_root, {}, ["no class folders", "1.png", "manifest.csv"]),
         (_truncated, {}, ["a/1.png", "truncated", "Fix: re-copy or re-export"]),
         (_fake_image, {}, ["b/fake.jpg", "not a PNG, JPEG", "Fix: re-copy"]),
+        (_empty_image, {}, ["b/empty.png: empty file (0 bytes)", "interrupted copy"]),
         (_duplicate_across, {}, ["a/1.png [a]", "b/same.png [b]", "Fix: delete the copy"]),
         (_manifest_missing, {}, ["b/gone.png", "line 4", "do not exist", "Fix: correct"]),
         (_manifest_header, {}, ["no path and no label column", "Fix: the first line"]),

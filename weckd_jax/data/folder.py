@@ -57,7 +57,7 @@ images directly in ``DIR`` but no class folders       fatal
 a class folder with no images                         fatal
 a single class                                        fatal
 an image that cannot be decoded (damaged, truncated,  fatal, all such files listed at once
-  not really an image, unsupported mode, over 8
+  empty, not really an image, unsupported mode, over 8
   bits per channel in a layout Pillow cuts to 8:
   16-bit gray + alpha, CMYK, planar TIFF)
 an image over Pillow's decompression-bomb limit       fatal (the limit stays on)
@@ -158,6 +158,11 @@ _FIX_DAMAGED = (
 # For each `_BadImage` kind: what is wrong with the images, and the fix.
 _BAD_IMAGE_FIXES = {
     "damaged": ("cannot be decoded", _FIX_DAMAGED),
+    "empty": (
+        "are empty files (0 bytes)",
+        "re-copy or re-export them (an interrupted copy, download or export leaves empty files), "
+        "or delete them (with a manifest: leave them out of it) to train without them",
+    ),
     "depth": (
         "have more than 8 bits per channel in a layout Pillow cannot decode at full precision (at "
         "best it keeps the top 8 bits: 12-bit data comes out nearly black)",
@@ -177,7 +182,7 @@ _BAD_IMAGE_FIXES = {
 
 
 class _BadImage(Exception):
-    """An image that cannot be used; ``kind`` picks the fix ("damaged", "depth" or "bomb")."""
+    """An image that cannot be used; ``kind`` picks the fix (a key of `_BAD_IMAGE_FIXES`)."""
 
     def __init__(self, reason: str, kind: str = "damaged"):
         super().__init__(reason)
@@ -315,6 +320,8 @@ def preprocess(image: Image.Image, *, image_size: int, channels: int) -> np.ndar
 
 def _open_and_preprocess(source: bytes, *, image_size: int, channels: int, name: str) -> np.ndarray:
     """Decodes encoded bytes and preprocesses them; raises `_BadImage` (``name``: for warnings)."""
+    if not source:
+        raise _BadImage("empty file (0 bytes)", kind="empty")
     try:
         with Image.open(io.BytesIO(source)) as image:
             limit = Image.MAX_IMAGE_PIXELS
