@@ -270,6 +270,12 @@ def test_decode_errors_name_the_file_and_the_fix(tmp_path):
         folder.decode_image(tmp_path / "text.png", image_size=S, channels=3)
     with pytest.raises(DataError, match="data.channels=2"):
         folder.decode_image(tmp_path / "text.png", image_size=S, channels=2)
+    (tmp_path / "link.png").symlink_to("gone/original.png")
+    with pytest.raises(DataError) as e:
+        folder.decode_image(tmp_path / "link.png", image_size=S, channels=3)
+    target = f"gone/original.png (= {tmp_path / 'gone' / 'original.png'})"
+    assert f"link.png: broken symbolic link to {target}" in str(e.value), str(e.value)
+    assert "Fix: point the links at existing files" in str(e.value), str(e.value)
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(DataError, match=r"(?s)empty.png: empty file \(0 bytes\).*Fix: re-copy"):
         folder.decode_image(tmp_path / "empty.png", image_size=S, channels=3)
@@ -419,6 +425,12 @@ def _empty_image(root):
     return root
 
 
+def _broken_link(root):
+    _two_classes(root)
+    (root / "b" / "link.png").symlink_to("/no/such/scan.png")
+    return root
+
+
 def _duplicate_across(root):
     _two_classes(root)
     (root / "b" / "same.png").write_bytes((root / "a" / "1.png").read_bytes())
@@ -445,6 +457,12 @@ def _images_at_root(root):
 def _manifest_missing(root):
     _two_classes(root)
     (root / "manifest.csv").write_text("path,label\na/1.png,a\nb/2.png,b\nb/gone.png,b\n")
+    return root
+
+
+def _manifest_broken_link(root):
+    _broken_link(root)
+    (root / "manifest.csv").write_text("path,label\na/1.png,a\nb/2.png,b\nb/link.png,b\n")
     return root
 
 
@@ -491,8 +509,10 @@ def _empty_root(root):
         (_truncated, {}, ["a/1.png", "truncated", "Fix: re-copy or re-export"]),
         (_fake_image, {}, ["b/fake.jpg", "not a PNG, JPEG", "Fix: re-copy"]),
         (_empty_image, {}, ["b/empty.png: empty file (0 bytes)", "interrupted copy"]),
+        (_broken_link, {}, ["b/link.png: broken symbolic link to /no/such/scan.png", "Fix: point"]),
         (_duplicate_across, {}, ["a/1.png [a]", "b/same.png [b]", "Fix: delete the copy"]),
         (_manifest_missing, {}, ["b/gone.png", "line 4", "do not exist", "Fix: correct"]),
+        (_manifest_broken_link, {}, ["line 4", "(a broken symbolic link to /no/such/scan.png)"]),
         (_manifest_header, {}, ["no path and no label column", "Fix: the first line"]),
         (_manifest_latin1, {}, ["is not UTF-8", "Fix: save it as UTF-8"]),
         (_manifest_semicolons, {}, ["no path and no label column", "not ';'"]),

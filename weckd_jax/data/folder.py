@@ -57,7 +57,8 @@ images directly in ``DIR`` but no class folders       fatal
 a class folder with no images                         fatal
 a single class                                        fatal
 an image that cannot be decoded (damaged, truncated,  fatal, all such files listed at once
-  empty, not really an image, unsupported mode, over 8
+  empty, a broken symbolic link, not really an
+  image, unsupported mode, over 8
   bits per channel in a layout Pillow cuts to 8:
   16-bit gray + alpha, CMYK, planar TIFF)
 an image over Pillow's decompression-bomb limit       fatal (the limit stays on)
@@ -162,6 +163,11 @@ _BAD_IMAGE_FIXES = {
         "are empty files (0 bytes)",
         "re-copy or re-export them (an interrupted copy, download or export leaves empty files), "
         "or delete them (with a manifest: leave them out of it) to train without them",
+    ),
+    "link": (
+        "are broken symbolic links (what they point to does not exist)",
+        "point the links at existing files (e.g. mount the drive or restore the folder they point "
+        "into), or delete the links (with a manifest: leave them out of it) to train without them",
     ),
     "depth": (
         "have more than 8 bits per channel in a layout Pillow cannot decode at full precision (at "
@@ -378,6 +384,22 @@ def _bad_image_error(failures: Sequence[tuple[str, _BadImage]], where: str) -> D
     return DataError("\n".join(parts))
 
 
+def _broken_link(path: str) -> str | None:
+    """What ``path`` points to when it is a symbolic link to nothing (as written, then resolved)."""
+    if not os.path.islink(path) or os.path.exists(path):
+        return None
+    target, resolved = os.readlink(path), os.path.realpath(path)
+    return target if target == resolved else f"{target} (= {resolved})"
+
+
+def _unreadable(error: OSError) -> _BadImage:
+    """`_BadImage` for a file that ``open`` could not read; a broken symbolic link says so."""
+    target = _broken_link(error.filename) if isinstance(error.filename, str) else None
+    if target is not None:
+        return _BadImage(f"broken symbolic link to {target}", kind="link")
+    return _BadImage(f"cannot read: {error.strerror or error}")
+
+
 def decode_bytes(data: bytes, *, image_size: int, channels: int, name: str = "image") -> np.ndarray:
     """Encoded image bytes (PNG/JPEG/BMP/TIFF) as uint8 ``[S, S, C]``, exactly as `decode_image`.
 
@@ -413,6 +435,9 @@ def decode_image(path: str | os.PathLike, *, image_size: int, channels: int) -> 
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
+        failure = _unreadable(e)
+        if failure.kind == "link":
+            raise _bad_image_error([(path, failure)], "given") from None
         raise DataError(f"cannot read {path}: {e.strerror or e}; check the path") from None
     try:
         return _open_and_preprocess(data, image_size=image_size, channels=channels, name=path)
@@ -540,7 +565,7 @@ def decode_many(
         try:
             source = fetch(i)
         except OSError as e:
-            return i, None, "", _BadImage(f"cannot read: {e.strerror or e}")
+            return i, None, "", _unreadable(e)
         if isinstance(source, np.ndarray):
             digest = _digest_array(source)
         else:
@@ -818,7 +843,9 @@ def _read_manifest(path: str, root: str) -> tuple[list[_Entry], bool]:
             if os.path.isfile(alt):
                 full = alt
         if not os.path.isfile(full):
-            missing_files.append(f"line {line}: {full}")
+            target = _broken_link(full)
+            link = f" (a broken symbolic link to {target})" if target is not None else ""
+            missing_files.append(f"line {line}: {full}{link}")
             continue
         key = os.path.realpath(full)
         if key in seen:
