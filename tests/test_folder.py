@@ -466,6 +466,13 @@ def _manifest_broken_link(root):
     return root
 
 
+def _manifest_dicom(root):
+    _two_classes(root)
+    (root / "b" / "scan.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    (root / "manifest.csv").write_text("path,label\na/1.png,a\nb/2.png,b\nb/scan.dcm,b\n")
+    return root
+
+
 def _manifest_header(root):
     _two_classes(root)
     (root / "manifest.csv").write_text("file,class\na/1.png,a\n")
@@ -513,6 +520,7 @@ def _empty_root(root):
         (_duplicate_across, {}, ["a/1.png [a]", "b/same.png [b]", "Fix: delete the copy"]),
         (_manifest_missing, {}, ["b/gone.png", "line 4", "do not exist", "Fix: correct"]),
         (_manifest_broken_link, {}, ["line 4", "(a broken symbolic link to /no/such/scan.png)"]),
+        (_manifest_dicom, {}, ["line 4: b/scan.dcm: DICOM is not supported: convert it to PNG"]),
         (_manifest_header, {}, ["no path and no label column", "Fix: the first line"]),
         (_manifest_latin1, {}, ["is not UTF-8", "Fix: save it as UTF-8"]),
         (_manifest_semicolons, {}, ["no path and no label column", "not ';'"]),

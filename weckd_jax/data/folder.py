@@ -58,14 +58,15 @@ a class folder with no images                         fatal
 a single class                                        fatal
 an image that cannot be decoded (damaged, truncated,  fatal, all such files listed at once
   empty, a broken symbolic link, not really an
-  image, unsupported mode, over 8
-  bits per channel in a layout Pillow cuts to 8:
-  16-bit gray + alpha, CMYK, planar TIFF)
+  image, unsupported mode, over 8 bits per channel
+  in a layout Pillow cuts to 8 bits: 16-bit gray +
+  alpha, CMYK, planar TIFF)
 an image over Pillow's decompression-bomb limit       fatal (the limit stays on)
 the same content in two classes (by SHA-256)          fatal (conflicting labels)
 the same content twice in one class                   later copies skipped, warned
-a manifest naming missing files / the same path       fatal
-  twice / empty path or label / a bad split value
+a manifest naming missing files / DICOM or NIfTI      fatal (DICOM/NIfTI with a conversion
+  files / the same path twice / empty path or         hint)
+  label / a bad split value
 a manifest without ``path`` and ``label`` columns     fatal
 ``group_regex`` invalid / without a capture group /   fatal
   not matching an image's path
@@ -822,7 +823,7 @@ def _read_manifest(path: str, root: str) -> tuple[list[_Entry], bool]:
         i = col.get(name)
         return row[i].strip() if i is not None and i < len(row) else ""
 
-    entries, blank, bad_split, missing_files, empty_group = [], [], [], [], []
+    entries, blank, bad_split, missing_files, empty_group, unsupported = [], [], [], [], [], []
     seen: dict[str, int] = {}
     repeated = []
     for line, row in rows[1:]:
@@ -833,6 +834,9 @@ def _read_manifest(path: str, root: str) -> tuple[list[_Entry], bool]:
         split = cell(row, "split").lower()
         if split not in ("", *SPLIT_VALUES):
             bad_split.append(f"line {line}: split {cell(row, 'split')!r} ({raw})")
+            continue
+        if _extension(raw) in _UNSUPPORTED_HINTS:
+            unsupported.append(f"line {line}: {raw}: {_skip_reason(raw)}")
             continue
         group = cell(row, "group") if has_group else None
         if has_group and not group:
@@ -862,6 +866,8 @@ def _read_manifest(path: str, root: str) -> tuple[list[_Entry], bool]:
         problems.append(
             f"rows whose split is not train, val, test or empty:\n{_listing(bad_split)}"
         )
+    if unsupported:
+        problems.append(f"rows naming files of an unsupported format:\n{_listing(unsupported)}")
     if missing_files:
         problems.append(
             f"{len(missing_files)} listed file(s) do not exist (relative paths are resolved "
