@@ -121,36 +121,31 @@ def test_changed_data_under_the_run_config_is_flagged_not_counted(smoke_run):
     assert note is None
 
 
-def test_a_run_whose_splits_this_version_cuts_otherwise_is_not_counted(smoke_run, tmp_path):
+@pytest.mark.parametrize(
+    "splits, note_says",
+    [
+        # As if an older version had cut the same data into other splits.
+        ("0" * 64, "cuts the run's data into other splits than the version that trained it"),
+        # data.json of a version before the digest: older rounding may have cut its splits.
+        (None, "predates the record of its splits"),
+    ],
+    ids=["other-splits", "no-digest"],
+)
+def test_a_run_whose_splits_cannot_be_recomputed_is_not_counted(
+    splits, note_says, smoke_run, tmp_path
+):
     config, workdir, _ = smoke_run
     with open(os.path.join(workdir, "config.json")) as f:
         run_config = json.load(f)
     with open(os.path.join(workdir, "data.json")) as f:
         saved = json.load(f)
     data = data_lib.load(config.data, seed=config.seed)
-    assert saved["splits"] == chain.splits_digest(chain.make_run_splits(config, data))
-    # As if an older version had cut the same data into other splits.
-    (tmp_path / "data.json").write_text(json.dumps({**saved, "splits": "0" * 64}))
-    index = np.arange(len(data))
-    record, note = evaluate._overlap(
-        str(tmp_path), run_config, run_config, data, index, chain.data_record(data)
-    )
-    assert record == {"same_data_as_run": True, "in_run_train_pool": None, "in_run_val": None}
-    assert "cuts the run's data into other splits than the version that trained it" in note
-
-
-def test_a_run_without_a_splits_digest_is_not_counted(smoke_run, tmp_path):
-    # data.json of a version before the digest: its splits may have been cut by older rounding.
-    config, workdir, _ = smoke_run
-    with open(os.path.join(workdir, "config.json")) as f:
-        run_config = json.load(f)
-    with open(os.path.join(workdir, "data.json")) as f:
-        saved = json.load(f)
-    del saved["splits"]
+    assert saved.pop("splits") == chain.splits_digest(chain.make_run_splits(config, data))
+    if splits is not None:
+        saved["splits"] = splits
     (tmp_path / "data.json").write_text(json.dumps(saved))
-    data = data_lib.load(config.data, seed=config.seed)
     record, note = evaluate._overlap(
         str(tmp_path), run_config, run_config, data, np.arange(len(data)), chain.data_record(data)
     )
     assert record == {"same_data_as_run": True, "in_run_train_pool": None, "in_run_val": None}
-    assert "predates the record of its splits" in note
+    assert note_says in note
