@@ -3,6 +3,7 @@
 import atexit
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,8 +41,21 @@ def run_python(
         flag = f" --xla_force_host_platform_device_count={devices}"
         env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + flag
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=timeout,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """Gives a child process the default SIGINT disposition, as a command typed in a terminal
+    has: pytest started in the background (``cmd &``, nohup) passes SIGINT on as ignored, and
+    Python then raises no KeyboardInterrupt, so the Ctrl-C tests would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def signal_when(args, ready, sig, what: str, timeout: int = 900) -> tuple[int, str]:
@@ -54,6 +68,7 @@ def signal_when(args, ready, sig, what: str, timeout: int = 900) -> tuple[int, s
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
