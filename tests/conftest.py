@@ -29,6 +29,13 @@ from weckd_jax import ops  # noqa: E402
 
 ops.configure_cpu_flags()
 
+# Child processes get SIGINT as a command typed in a terminal has it. pytest started in the
+# background (``cmd &``, nohup) inherits SIGINT ignored and would pass that on (Python then
+# raises no KeyboardInterrupt, and the Ctrl-C tests fail); a handled signal is reset to the
+# default in a child at exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def run_python(
     *args: str, timeout: int = 600, devices: int | None = None
@@ -47,15 +54,7 @@ def run_python(
         cwd=REPO,
         env=env,
         timeout=timeout,
-        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
-
-
-def _ctrl_c_as_in_a_terminal() -> None:
-    """Gives a child process the default SIGINT disposition, as a command typed in a terminal
-    has: pytest started in the background (``cmd &``, nohup) passes SIGINT on as ignored, and
-    Python then raises no KeyboardInterrupt, so the Ctrl-C tests would test nothing."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def signal_when(args, ready, sig, what: str, timeout: int = 900) -> tuple[int, str]:
@@ -68,7 +67,6 @@ def signal_when(args, ready, sig, what: str, timeout: int = 900) -> tuple[int, s
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
