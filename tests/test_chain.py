@@ -246,6 +246,29 @@ def test_resuming_on_other_data_is_refused(smoke_run, tmp_path, monkeypatch):
     assert chain.bind_workdir(config, str(tmp_path), original, splits, writer=True) is None
 
 
+def test_a_workdir_of_an_older_version_is_refused_with_the_fix_that_works(tmp_path):
+    from weckd_jax import config as config_lib
+
+    config = smoke_config()
+    saved = config_lib.as_json(config)
+    del saved["baselines"]["one_step_kd"]  # a key this version added
+    del saved["train"]["checkpoint_every"]  # harmless: never named
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(config_lib.ConfigError) as error:
+        chain.check_workdir(config, str(tmp_path))
+    message = str(error.value)
+    assert "baselines.one_step_kd: '(absent)' -> False" in message
+    assert message.endswith(
+        "The run was started by an older weckd_jax, without baselines.one_step_kd: finish it "
+        "with the version that started it, or use a new --workdir."
+    )
+    saved = config_lib.as_json(config)
+    saved["distill"]["alpha"] = 0.3  # the user's own change: the saved config is the fix
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(config_lib.ConfigError, match=r"rerun with the saved one \("):
+        chain.check_workdir(config, str(tmp_path))
+
+
 def test_resuming_on_splits_cut_otherwise_is_refused(smoke_run, tmp_path):
     # E.g. a newer version whose splitting code rounds differently, on the same data.
     config, data, splits = _bound_copy(smoke_run, tmp_path)

@@ -554,14 +554,22 @@ def check_workdir(config, workdir: str) -> None:
     if not os.path.exists(path):
         return
     with open(path) as f:
-        changed = config_lib.differences(json.load(f), config_lib.as_json(config))
-    if changed:
-        raise config_lib.ConfigError(
-            f"{workdir} holds a run with another config; resuming it would mix two "
-            "experiments. Differences (saved -> now):\n  " + "\n  ".join(changed) + "\n"
-            "Use a new --workdir for the new config, or rerun with the saved one "
-            f"({path})."
+        saved = json.load(f)
+    now = config_lib.as_json(config)
+    changed = config_lib.differences(saved, now)
+    if not changed:
+        return
+    if newer := config_lib.newer_keys(saved, now):
+        fix = (
+            f"The run was started by an older weckd_jax, without {', '.join(newer)}: finish it "
+            "with the version that started it, or use a new --workdir."
         )
+    else:
+        fix = f"Use a new --workdir for the new config, or rerun with the saved one ({path})."
+    raise config_lib.ConfigError(
+        f"{workdir} holds a run with another config; resuming it would mix two "
+        "experiments. Differences (saved -> now):\n  " + "\n  ".join(changed) + "\n" + fix
+    )
 
 
 def bind_workdir(config, workdir: str, data: ImageSet, splits: Splits, writer: bool) -> str | None:

@@ -451,25 +451,35 @@ HARMLESS_KEYS = frozenset({"train.checkpoint_every"})
 HARMLESS_PREFIXES = ("tune.",)
 
 
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"a.b": value}`` for a nested dict ``{"a": {"b": value}}``."""
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _counts(key: str) -> bool:
+    return key not in HARMLESS_KEYS and not key.startswith(HARMLESS_PREFIXES)
+
+
 def differences(saved: dict, current: dict) -> list[str]:
     """``key: saved -> current`` for every key whose value differs (harmless keys excepted)."""
-
-    def flatten(tree: dict, prefix: str = "") -> dict:
-        flat = {}
-        for key, value in tree.items():
-            path = f"{prefix}{key}"
-            if isinstance(value, dict):
-                flat.update(flatten(value, path + "."))
-            else:
-                flat[path] = value
-        return flat
-
-    old, new = flatten(saved), flatten(current)
+    old, new = _flatten(saved), _flatten(current)
     missing = object()
     return [
         f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
         for key in sorted(old.keys() | new.keys())
-        if key not in HARMLESS_KEYS
-        and not key.startswith(HARMLESS_PREFIXES)
-        and old.get(key, missing) != new.get(key, missing)
+        if _counts(key) and old.get(key, missing) != new.get(key, missing)
     ]
+
+
+def newer_keys(saved: dict, current: dict) -> list[str]:
+    """The keys of ``current`` that ``saved`` lacks (harmless keys excepted): keys the package
+    gained after ``saved`` was written, since `validate` refuses any key it does not know."""
+    old = _flatten(saved)
+    return sorted(key for key in _flatten(current) if key not in old and _counts(key))
