@@ -451,25 +451,13 @@ HARMLESS_KEYS = frozenset({"train.checkpoint_every"})
 HARMLESS_PREFIXES = ("tune.",)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """``{"a.b": value}`` for a nested dict ``{"a": {"b": value}}``."""
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, path + "."))
-        else:
-            flat[path] = value
-    return flat
-
-
 def _counts(key: str) -> bool:
     return key not in HARMLESS_KEYS and not key.startswith(HARMLESS_PREFIXES)
 
 
 def differences(saved: dict, current: dict) -> list[str]:
     """``key: saved -> current`` for every key whose value differs (harmless keys excepted)."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = dict(_leaves(saved)), dict(_leaves(current))
     missing = object()
     return [
         f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
@@ -481,5 +469,5 @@ def differences(saved: dict, current: dict) -> list[str]:
 def newer_keys(saved: dict, current: dict) -> list[str]:
     """The keys of ``current`` that ``saved`` lacks (harmless keys excepted): keys the package
     gained after ``saved`` was written, since `validate` refuses any key it does not know."""
-    old = _flatten(saved)
-    return sorted(key for key in _flatten(current) if key not in old and _counts(key))
+    old = dict(_leaves(saved))
+    return sorted(key for key, _ in _leaves(current) if key not in old and _counts(key))
