@@ -710,17 +710,15 @@ def run(
         if writer:
             files.write_json(record_path, records[job.name])
 
+    link_jobs = [job for job in jobs if job.name.startswith("link_")]
     links = [
         {"link": job.index, "fraction": config.chain.fraction, **records[job.name]}
-        for job in jobs
-        if job.name.startswith("link_")
+        for job in link_jobs
     ]
     results = {
         "links": links,
         "baselines": {
-            name: records[name]
-            for name in ("union_supervised", "full_supervised", "one_step_kd")
-            if name in records
+            job.name: records[job.name] for job in jobs if not job.name.startswith("link_")
         },
         "test_evaluated": use_test,
         "data": report.data_record(config, data, splits),
@@ -740,7 +738,7 @@ def run(
         report.print_results(progress, results)
         return results
     results["gains"] = report.gains(links, results["baselines"])
-    last = [job for job in jobs if job.name.startswith("link_")][-1]
+    last = link_jobs[-1]
     if last.name not in test_probs:  # reloaded from an earlier run: the figures need its outputs
         _, variables = restore_finished(workdir, last.name, mesh, data.images.shape[1:])
         test_probs[last.name], _ = evaluate(last.spec, variables, data, splits.test, **eval_kw)

@@ -11,7 +11,7 @@ import os
 
 from weckd_jax import files
 from weckd_jax.figures import CHAIN_ACCURACY, CONFUSION_MATRIX, FIGURE_DIR, RELIABILITY
-from weckd_jax.seeds import GAIN_LABELS
+from weckd_jax.seeds import BASELINE_NAMES, GAIN_LABELS
 
 __all__ = ["render_report", "render_summary", "write_report", "write_summary"]
 
@@ -54,7 +54,7 @@ def _table(header: list[str], rows: list[list], align: list[str] | None = None) 
 def _model_label(name: str, record: dict) -> str:
     if "link" in record:
         return f"link {record['link']}"
-    return "one-step KD" if name == "one_step_kd" else name.replace("_", " ")
+    return BASELINE_NAMES.get(name, name.replace("_", " "))
 
 
 def _synthetic_note(data: dict) -> list[str]:

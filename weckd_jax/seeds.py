@@ -29,10 +29,15 @@ METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")
 # The baselines the last link's gain is measured against, besides link 1 (full supervision is
 # an upper bound with more labels, not a comparison at the chain's budget).
 GAIN_BASELINES = ("one_step_kd", "union_supervised")
-GAIN_LABELS = {  # the keys of the gains, as the reports name them
+# The baselines as the reports name them, and the keys of the gains.
+BASELINE_NAMES = {
+    "union_supervised": "union supervised",
+    "full_supervised": "full supervised",
+    "one_step_kd": "one-step KD",
+}
+GAIN_LABELS = {
     "last_minus_link_1": "over link 1",
-    "last_minus_one_step_kd": "over one-step KD",
-    "last_minus_union_supervised": "over union supervised",
+    **{f"last_minus_{name}": f"over {BASELINE_NAMES[name]}" for name in GAIN_BASELINES},
 }
 
 
