@@ -707,6 +707,23 @@ def test_schedules_end_exactly_at_t_max_and_t_min():
             assert float(sched(total)) == float(np.float32(t_min))
 
 
+@pytest.mark.parametrize(
+    "t_max, t_min, total",
+    [
+        (2.6079259610312584, 2.6079259610312584, 15103),  # Equal bounds: a constant.
+        (4.9056122790260694, 4.9056122790260694, 14982),
+        (1.8662651294245791, 1.6516263666526654, 11476),  # Blend rounded one ulp below t_min.
+    ],
+)
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_schedule_never_leaves_its_bounds(kind, t_max, t_min, total):
+    sched = temperature_schedule(kind, t_max=t_max, t_min=t_min, total_steps=total)
+    values = np.asarray(jax.jit(jax.vmap(sched))(np.arange(total + 1)))
+    assert values.min() >= np.float32(t_min) and values.max() <= np.float32(t_max)
+    if t_max == t_min:
+        np.testing.assert_array_equal(values, np.float32(t_min))
+
+
 def test_schedule_midpoints():
     lin = temperature_schedule("linear", t_max=5.0, t_min=1.0, total_steps=8)
     cos = temperature_schedule("cosine", t_max=5.0, t_min=1.0, total_steps=8)

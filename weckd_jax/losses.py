@@ -713,8 +713,10 @@ def temperature_schedule(kind: str, *, t_max: float, t_min: float, total_steps: 
     * ``"linear"``:   :math:`T = T_{max}\, w + T_{min} (1 - w)`, :math:`w = 1 - r`
     * ``"cosine"``:   the same with :math:`w = \tfrac12 (1 + \cos \pi r)`
 
-    so ``T(0) = t_max`` and ``T(step) = t_min`` for ``step >= total_steps`` (clamped), and the
-    annealing schedules are non-increasing.
+    so ``T(0) = t_max`` and ``T(step) = t_min`` for ``step >= total_steps`` (clamped). Every value
+    lies in ``[t_min, t_max]`` (exactly ``t_max`` throughout when ``t_min == t_max``), and the
+    annealing schedules are non-increasing up to float32 rounding: over thousands of steps, a
+    value may exceed the one before it by one ulp (a relative ``1.2e-7``).
 
     Args:
       kind: one of ``"constant"``, ``"linear"``, ``"cosine"``.
@@ -775,7 +777,9 @@ def _temperature_at(kind, step, t_max, t_min, total_steps) -> jax.Array:
     if kind == "constant":
         return t_max + 0.0 * r
     w = 1.0 - r if kind == "linear" else 0.5 * (1.0 + jnp.cos(jnp.pi * r))  # t_max's share
-    return t_max * w + t_min * (1.0 - w)  # Exactly t_max at w = 1 and t_min at w = 0.
+    # Exactly t_max at w = 1 and t_min at w = 0. In between, the rounded blend can land one ulp
+    # outside [t_min, t_max] (or, with t_max == t_min, off the constant): clipped back.
+    return jnp.clip(t_max * w + t_min * (1.0 - w), t_min, t_max)
 
 
 # --------------------------------------------------------------------------------------------
