@@ -987,6 +987,11 @@ ERRORS = [
         "batch shape",
     ),
     (
+        "w student features not a sequence",
+        _w(teacher_logits=T2, student_features=F2, teacher_features=[F2], beta=1.0),
+        r"student_features must be a sequence .* student_features=\[features\]",
+    ),
+    (
         "w feature rank",
         _w(teacher_logits=T2, student_features=[F2[..., 0]], teacher_features=[F2], beta=1.0),
         "NHWC",

@@ -952,6 +952,13 @@ def weckd_loss(
 
     teachers: list[jax.Array] = []
     per_teacher: list[list[jax.Array]] = []
+    if not _is_seq(student_features):
+        # list() of one [B, H, W, C] array would split it into B "stages".
+        raise ValueError(
+            "student_features must be a sequence of NHWC maps, one per stage, got "
+            f"{type(student_features).__name__} of shape {_shape(student_features)}: wrap a "
+            "single map in a list, student_features=[features]."
+        )
     student_features = list(student_features)
     if teacher_logits is None:
         if teacher_features is not None:
