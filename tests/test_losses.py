@@ -939,6 +939,8 @@ ERRORS = [
     ("multi temp", lambda: kd_kl_multi(S2, [T2], temperature=-1.0), "temperature"),
     ("map rank", lambda: attention_map(np.zeros((2, 8))), "NHWC"),
     ("map p", lambda: attention_map(F2, p=0.5), "p must be"),
+    ("map p bool", lambda: attention_map(F2, p=True), "p must be a Python number"),
+    ("at p str", lambda: attention_transfer(F2, F2, p="2"), "p must be a Python number"),
     ("at batch", lambda: attention_transfer(F2, np.zeros((3, 4, 4, 3))), "batch shape"),
     ("at rank", lambda: attention_transfer(F2, np.zeros((2, 16))), "NHWC"),
     ("at where", lambda: attention_transfer(F2, F2, where=np.ones(3, bool)), "where"),

@@ -188,8 +188,8 @@ def _label_smoothing(value: Any) -> float:
 
 
 def _check_p(p: Any) -> None:
-    try:
-        ok = float(p) >= 1 and math.isfinite(float(p))
+    try:  # float() would also read True as 1 and "2" as 2.
+        ok = not isinstance(p, bool | str) and float(p) >= 1 and math.isfinite(float(p))
     except (TypeError, jax.errors.ConcretizationTypeError):
         ok = False
     if not ok:
