@@ -927,6 +927,8 @@ ERRORS = [
     ("kd shape", lambda: kd_kl(S2, np.zeros((2, 4)), temperature=1.0), r"\(2, 3\) and \(2, 4\)"),
     ("kd batch", lambda: kd_kl(S2, np.zeros((3, 3)), temperature=1.0), "same shape"),
     ("kd rank", lambda: kd_kl(np.float32(0), np.float32(0), temperature=1.0), r"\[B, K\]"),
+    ("ce no classes", lambda: cross_entropy(np.zeros((2, 0)), Y2), "logits has no classes"),
+    ("kd no classes", lambda: kd_kl(S2[:, :0], T2[:, :0], temperature=1.0), "no classes"),
     ("kd temp 0", lambda: kd_kl(S2, T2, temperature=0.0), "temperature"),
     ("kd temp neg", lambda: kd_kl(S2, T2, temperature=np.float32(-2.0)), "temperature"),
     ("kd temp inf", lambda: kd_kl(S2, T2, temperature=math.inf), "temperature"),

@@ -127,6 +127,12 @@ def _check_logits(name: str, logits: jax.Array) -> None:
             f"{name} must have shape [B, K] (batch, classes), got a scalar. Pass one row of "
             "class scores per example."
         )
+    if _shape(logits)[-1] == 0:
+        # Otherwise cross-entropy is NaN for every label and KD silently 0.
+        raise ValueError(
+            f"{name} has no classes: shape {_shape(logits)}, the last axis is empty. Pass one "
+            "score per class (a classifier head with at least one output)."
+        )
 
 
 def _check_mask(name: str, mask: Any, batch_shape: tuple[int, ...]) -> None:
