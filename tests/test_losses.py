@@ -170,10 +170,59 @@ def test_cross_entropy_out_of_range_label_is_nan_not_wrapped():
     np.testing.assert_allclose(out, np.where(where, _np_ce(_logits(0), labels % K), 0), rtol=1e-5)
 
 
-def test_low_precision_logits_are_computed_in_float32():
-    logits = jnp.asarray(_logits(0), jnp.bfloat16)
-    assert cross_entropy(logits, _labels(0)).dtype == jnp.float32
-    assert kd_kl(logits, logits, temperature=2.0).dtype == jnp.float32
+# Huge logits: near float16's largest value; for bfloat16 (float32's range) 1e8: under jit,
+# XLA:CPU's fused log-softmax of logits / T overflows from about 1e9 * T on, in float32 too.
+_HUGE = {jnp.float16: 6e4, jnp.bfloat16: 1e8}
+
+
+def _low_precision_cases(dtype):
+    """The losses at edge cases: huge logits, high temperature, logits of -inf (ruled-out
+    classes), 1x1 and all-zero maps; the first argument is the one differentiated."""
+    t = np.array([[-1, 1, 0, 0], [0, -np.inf, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, -1]])
+    t = jnp.asarray(t * _HUGE[dtype], dtype)
+    y = jnp.array([0, 1, 2, 3, 0])
+    ft = jnp.zeros(FEAT_S, dtype).at[:2].set(1.0)  # Examples 2-4: all-zero teacher maps.
+    return {
+        "ce": lambda a: cross_entropy(a, y, label_smoothing=0.1),
+        "kd T=1": lambda a: kd_kl(a, t, temperature=1.0),
+        "kd T=100": lambda a: kd_kl(a, t, temperature=100.0),
+        "weckd": lambda a: weckd_loss(a, y, label_mask=MASK, teacher_logits=t, temperature=4.0)[0],
+        "at": lambda f: attention_transfer(f, ft),
+        "at 1x1": lambda f: attention_transfer(f[:, :1, :1], ft),
+        "mean": lambda a: masked_mean(a[:, 0], WHERE),
+    }
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_inputs_give_the_float32_results(dtype):
+    # bf16/fp16 inputs are upcast before any arithmetic: the values equal float32 on the same
+    # (rounded) inputs, finite where float32 is, and the gradients are float32's, rounded.
+    x = np.array(_logits(0) * _HUGE[dtype] / 8, np.float32)
+    x[1, 1] = -np.inf  # A class the student rules out, where the teacher does too.
+    fs = _feat(0, FEAT_S)
+    fs[3] = 0.0  # An all-zero student map.
+    low = [jnp.asarray(a, dtype) for a in (x, fs)]
+    high = [a.astype(jnp.float32) for a in low]
+
+    @jax.jit
+    def values_and_grads(x, fs):
+        out = {}
+        for name, fn in _low_precision_cases(dtype).items():
+            arg = fs if name.startswith("at") else x
+            out[name] = (fn(arg), jax.grad(lambda a, fn=fn: fn(a).sum())(arg))
+        return out
+
+    ours, ref = values_and_grads(*low), values_and_grads(*high)
+    for name, (value, grad) in ours.items():
+        ref_value, ref_grad = ref[name]
+        assert value.dtype == jnp.float32 and grad.dtype == dtype, name
+        np.testing.assert_array_equal(value, ref_value, err_msg=name)
+        assert np.all(np.isfinite(np.asarray(grad, np.float32))), name
+        np.testing.assert_array_equal(grad, ref_grad.astype(dtype), err_msg=name)
+    # The cases are edge cases indeed: huge finite KD; on 1x1 maps, AT is 0 between non-zero
+    # maps and 1 against an all-zero one (the student's example 3 is all-zero too).
+    assert np.all(np.isfinite(ours["kd T=1"][0])) and float(ours["kd T=1"][0][0]) > 1e4
+    np.testing.assert_array_equal(ours["at 1x1"][0], [0.0, 0.0, 1.0, 0.0, 1.0])
 
 
 # ------------------------------------------------------------------------------------------------
