@@ -505,7 +505,20 @@ _GRAD_CASES = {
         lambda x, t, f, g: attention_transfer(f, g) + attention_transfer(f[:, :3, :3], g, p=3),
         2,
     ),
+    # The whole objective (labelled/unlabelled weights, smoothing, AT on a 2x2 student stage),
+    # batch-averaged, by the student's logits and by its features.
+    "weckd_loss/logits": (lambda *a: _weckd_mean(*a), 0),
+    "weckd_loss/features": (lambda *a: _weckd_mean(*a), 2),
 }
+
+
+def _weckd_mean(x, t, f, g):
+    loss, _ = weckd_loss(
+        x, np.array([0, 2, -1]), label_mask=np.array([True, True, False]), teacher_logits=t,
+        student_features=[f[:, ::2, ::2]], teacher_features=[g], alpha=0.3, beta=0.5,
+        temperature=2.0, label_smoothing=0.1,
+    )  # fmt: skip
+    return masked_mean(loss)
 
 
 @pytest.mark.parametrize("name", sorted(_GRAD_CASES))
@@ -521,8 +534,8 @@ def test_check_grads_float64(name):
         def h(a):
             return fn(*args[:arg], a, *args[arg + 1 :])
 
-        # (Forward mode is slow to compile for the attention; training uses reverse mode.)
-        modes = ("rev",) if name == "attention_transfer" else ("rev", "fwd")
+        # (Forward mode is slow to compile for attention maps; training uses reverse mode.)
+        modes = ("rev",) if arg == 2 else ("rev", "fwd")
         check_grads(h, (args[arg],), order=1, modes=modes)
 
 
