@@ -16,8 +16,11 @@ Conventions shared by every function:
 * **Keyword-only hyper-parameters**, validated at trace time: shape checks cost nothing under
   ``jit``. Values (temperature, weights, ...) are checked when they are concrete Python/NumPy
   numbers; traced values (e.g. a temperature from a schedule inside ``jit``) cannot be checked.
-* **Precision.** Inputs in a low-precision float (bf16/fp16) are computed in float32;
-  float64 inputs stay float64.
+* **Units.** Cross-entropy and KL divergence are in nats (natural logarithms); :func:`kd_kl`
+  multiplies the KL by ``T^2``; attention transfer is a squared distance between unit vectors
+  (dimensionless, in ``[0, 2]``).
+* **Precision.** Inputs in a low-precision float (bf16/fp16) are computed in float32 (values
+  come back float32, gradients in the input's dtype); float64 inputs stay float64.
 
 Functions:
 
@@ -237,7 +240,8 @@ def cross_entropy(
       label_smoothing: ``eps`` in ``[0, 1)``.
 
     Returns:
-      ``[B]`` per-example losses.
+      ``[B]`` per-example losses in nats. With label smoothing, a logit of ``-inf`` (a class
+      ruled out) gives ``inf``: the smoothed target puts ``eps / K`` on that class.
 
     Example::
 
@@ -331,7 +335,7 @@ def kd_kl(
       where: optional bool ``[B]``; masked-out examples give 0 and zero gradient.
 
     Returns:
-      ``[B]`` per-example losses (>= 0 up to rounding).
+      ``[B]`` per-example losses in nats times ``T^2`` (>= 0 up to rounding).
 
     Example::
 
@@ -457,7 +461,7 @@ def kd_kl_multi(
       where: optional bool ``[B]``; masked-out examples give 0 and zero gradient.
 
     Returns:
-      ``[B]`` per-example losses.
+      ``[B]`` per-example losses, in the units of :func:`kd_kl`.
 
     Example::
 
@@ -661,7 +665,7 @@ def attention_transfer(
       where: optional bool ``[B]``; masked-out examples give 0 and zero gradient.
 
     Returns:
-      ``[B]`` per-example losses.
+      ``[B]`` per-example squared distances, dimensionless, in ``[0, 2]``.
 
     Example::
 
