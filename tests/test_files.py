@@ -128,3 +128,19 @@ def test_write_output_names_the_file_it_cannot_write(tmp_path):
         files.write_output(str(path), "x\n", "--output", overwrite=False)
     assert str(error.value).startswith(f"--output {path} cannot be written (")
     assert str(error.value).endswith("); choose another path and run again")
+
+
+def test_exclusive_folder_keeps_a_second_holder_out_and_removes_an_empty_folder_it_made(tmp_path):
+    run = tmp_path / "run"
+    with files.exclusive_folder(str(run)):
+        assert run.is_dir()
+        busy = pytest.raises(files.BusyError, match=f"^{run} is in use by another process")
+        with busy, files.exclusive_folder(str(run)):  # a second open: as another process's
+            pass
+        (run / "config.json").write_text("{}")
+    with files.exclusive_folder(str(run)):  # released when the block ended
+        pass
+    assert os.listdir(run) == ["config.json"]  # kept: not empty
+    with files.exclusive_folder(str(tmp_path / "unused")):
+        pass
+    assert sorted(os.listdir(tmp_path)) == ["run"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, run_python, signal_when, smoke_config
-from weckd_jax import chain, checkpoints, cli, parallel, train
+from weckd_jax import chain, checkpoints, cli, files, parallel, train
 from weckd_jax.config import ConfigError, base_config, differences, validate
 from weckd_jax.progress import Progress
 
@@ -252,6 +252,19 @@ def test_every_tool_reports_a_bad_config_file_or_key_in_one_line(tmp_path):
         assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
         assert message in stderr, (args, stderr)
     assert sorted(os.listdir(tmp_path)) == ["a_file", "no_get.py"]  # nothing was written
+
+
+def test_a_launch_in_a_workdir_another_process_runs_in_stops_in_one_line(tmp_path):
+    workdir = tmp_path / "w"
+    with files.exclusive_folder(str(workdir)):  # as a launch running there holds it
+        out = _launch_smoke(workdir)
+        assert os.listdir(workdir) == []  # nothing was written
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr == (
+        f"error: {workdir} is in use by another process running there now (a launch, or a "
+        "search's final run): two runs in one folder would overwrite each other's checkpoints "
+        "and results. Wait for it to end, or choose another --workdir\n"
+    )
 
 
 def test_ctrl_c_stops_launch_in_one_line_and_keeps_the_workdir(tmp_path):

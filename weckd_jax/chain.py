@@ -642,7 +642,21 @@ def run(
       on_epoch: called as ``on_epoch(job_name, epoch, record)`` after every epoch of every job
         with its ``metrics.jsonl`` record (``val_accuracy`` on validation epochs); an exception
         it raises (e.g. a pruned trial) stops the run.
+
+    Raises:
+      files.BusyError: another process runs in ``workdir`` now.
     """
+    with _exclusive(workdir):
+        return _run(config, workdir, progress, use_test=use_test, on_epoch=on_epoch)
+
+
+def _exclusive(workdir: str):
+    """The lock on ``workdir`` that keeps a second run out of it, held by the writing process."""
+    return files.exclusive_folder(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+
+
+def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) -> dict:
+    """`run`, in a ``workdir`` this process has to itself."""
     start = time.perf_counter()
     timer = Timer()
     writer = jax.process_index() == 0
@@ -756,6 +770,11 @@ def run_seeds(config, workdir: str, progress: Progress) -> dict:
     """One chain per seed of ``config.seeds`` in ``workdir/seed_<s>/``, then ``summary.json``,
     ``summary.md`` and the summary figures in ``workdir``: mean ± std over seeds, and the gains
     of the last link paired across seeds."""
+    with _exclusive(workdir):
+        return _run_seeds(config, workdir, progress)
+
+
+def _run_seeds(config, workdir: str, progress: Progress) -> dict:
     check_workdir(config, workdir)
     results = {}
     for seed in config_lib.seed_list(config):

@@ -2,13 +2,15 @@
 
 Files are created with the mode a plain ``open(path, "w")`` gives (0666 less the umask), so on a
 shared machine results are as readable as the checkpoints next to them. `output_problem` is the
-check the command-line tools make before writing a file the user named.
+check the command-line tools make before writing a file the user named; `exclusive_folder` keeps
+two processes from working in one run folder at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import secrets
@@ -148,3 +150,40 @@ def write_output(path: str, text: str, flag: str, overwrite: bool) -> str:
             file=sys.stderr,
         )
     return written
+
+
+class BusyError(OSError):
+    """Another process works in a folder; the message names the folder and the fix."""
+
+
+@contextlib.contextmanager
+def exclusive_folder(path: str) -> Iterator[None]:
+    """Holds an exclusive lock on the folder ``path`` for the block; raises `BusyError` at once
+    when another process holds it (two runs in one folder would overwrite each other's
+    checkpoints and results).
+
+    The lock is the kernel's (``flock`` on the folder itself): it ends with the process, even a
+    killed one, so nothing stale is left behind. A folder this makes is removed again when it is
+    still empty at the end. Where the file system has no such locks (some network file systems)
+    the block runs unlocked.
+    """
+    created = not os.path.isdir(path)
+    os.makedirs(path, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BusyError(
+                f"{path} is in use by another process running there now (a launch, or a "
+                "search's final run): two runs in one folder would overwrite each other's "
+                "checkpoints and results. Wait for it to end, or choose another --workdir",
+            ) from None
+        except OSError:
+            pass  # no locks on this file system
+        yield
+    finally:
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):  # only an empty folder can be removed
+                os.rmdir(path)

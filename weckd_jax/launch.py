@@ -23,7 +23,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from weckd_jax import chain, checkpoints, cli, distributed, ops
+from weckd_jax import chain, checkpoints, cli, distributed, files, ops
 from weckd_jax import config as config_lib
 from weckd_jax.data import DataError
 from weckd_jax.data.splits import SplitError
@@ -41,6 +41,7 @@ USER_ERRORS = (
     SplitError,
     chain.DivergenceError,
     checkpoints.CheckpointError,
+    files.BusyError,
 )
 
 

@@ -671,7 +671,7 @@ def main_cli() -> None:
     `config.validate` import this module)."""
     from absl import app, flags, logging
 
-    from weckd_jax import checkpoints, cli
+    from weckd_jax import checkpoints, cli, files
     from weckd_jax.data import DataError
     from weckd_jax.data.splits import SplitError
 
@@ -704,7 +704,13 @@ def main_cli() -> None:
                 evaluate_best=evaluate_flag.value,
                 say=lambda text: print(text, flush=True),
             )
-        except (ConfigError, DataError, SplitError, checkpoints.CheckpointError) as e:
+        except (
+            ConfigError,
+            DataError,
+            SplitError,
+            checkpoints.CheckpointError,
+            files.BusyError,
+        ) as e:
             cli.fail(str(e))
         except KeyboardInterrupt:
             cli.interrupted(
