@@ -271,6 +271,19 @@ def test_multi_seed_workdir_names_its_seed_runs(images, tmp_path, capsys):
     )
 
 
+def test_images_in_linked_folders_are_found_as_training_finds_them(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    scans = tmp_path / "scans"
+    (scans / "own").mkdir(parents=True)
+    for path in (elsewhere / "1.png", elsewhere / "2.PNG", scans / "own" / "0.png"):
+        path.write_bytes(b"")  # found by name; decoding comes later
+    (scans / "linked").symlink_to(elsewhere)  # e.g. a folder of scans linked from a share
+    (scans / "own" / "loop").symlink_to(scans)  # read once, not forever
+    expected = [scans / "linked" / "1.png", scans / "linked" / "2.PNG", scans / "own" / "0.png"]
+    assert predict.find_images(str(scans)) == [str(p) for p in expected]
+
+
 def test_a_file_that_is_no_image_is_reported_once_for_predicting(smoke_run, tmp_path, capsys):
     _, workdir, _ = smoke_run
     text = tmp_path / "notes.png"

@@ -4,7 +4,8 @@
         [--overwrite]]
 
 ``PATH`` is one image or a folder searched recursively for image files (the extensions of
-`weckd_jax.data.folder.IMAGE_EXTENSIONS`, case-insensitive; hidden files and folders skipped).
+`weckd_jax.data.folder.IMAGE_EXTENSIONS`, case-insensitive; symbolic links followed; hidden files
+and folders skipped), as training reads a class folder.
 Each image is decoded and resized exactly as in training (`weckd_jax.data.folder.decode_image`
 with the run's ``image_size`` and ``channels`` from ``DIR/results.json``), then classified by the
 chosen link (default: the last) restored from its final checkpoint
@@ -143,21 +144,15 @@ def link_name(workdir: str, results: dict, link: int | None) -> str:
 
 
 def find_images(path: str) -> list[str]:
-    """``path`` itself if it is a file, else the image files under it (recursive, sorted), with
-    the extensions the folder source reads (`weckd_jax.data.folder.IMAGE_EXTENSIONS`)."""
+    """``path`` itself if it is a file, else the image files under it, sorted, found as the
+    folder source finds a class's images (`weckd_jax.data.folder.image_files`: recursive,
+    symbolic links followed, hidden files skipped)."""
 
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
         raise PredictError(f"--images {path} does not exist")
-    found = []
-    for root, dirs, names in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [
-            os.path.join(root, n)
-            for n in sorted(names)
-            if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)
-        ]
+    found = sorted(folder.image_files(path))
     if not found:
         raise PredictError(
             f"no images found under {path} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"

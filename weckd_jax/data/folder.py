@@ -673,11 +673,14 @@ def _rel(path: str, root: str | None) -> str:
     return path
 
 
-def _walk_class(class_dir: str, skipped: list[tuple[str, str]]) -> list[str]:
-    """Image files under ``class_dir`` (recursively, symlinks followed once), unsorted."""
+def image_files(folder: str, skipped: list[tuple[str, str]] | None = None) -> list[str]:
+    """Image files under ``folder`` (recursively, symbolic links followed, each real folder
+    read once), unsorted, as a class folder is read for training; ``(path, reason)`` of the
+    hidden and non-image files passed over is appended to ``skipped``."""
+    skipped = [] if skipped is None else skipped
     found = []
     seen = set()
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
             dirnames[:] = []
@@ -728,7 +731,7 @@ def _scan_folders(root: str) -> list[_Entry]:
     entries, empty = [], []
     for name in class_dirs:
         before = len(skipped)
-        paths = _walk_class(os.path.join(root, name), skipped)
+        paths = image_files(os.path.join(root, name), skipped)
         if not paths:
             others = [p for p, _ in skipped[before:]]
             what = f"; it holds only:\n{_listing(others)}" if others else " (it is empty)"
