@@ -5,12 +5,13 @@ config's own model keys."""
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from weckd_jax import chain, evaluate
+from weckd_jax import chain, checkpoints, evaluate
 from weckd_jax import data as data_lib
 
 
@@ -149,3 +150,15 @@ def test_a_run_whose_splits_cannot_be_recomputed_is_not_counted(
     )
     assert record == {"same_data_as_run": True, "in_run_train_pool": None, "in_run_val": None}
     assert note_says in note
+
+
+def test_a_checkpoint_that_is_not_the_reported_model_is_refused(smoke_run, tmp_path):
+    config, workdir, _ = smoke_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    final = copy / "checkpoints" / "union_supervised" / "final"
+    shutil.rmtree(final)
+    shutil.copytree(copy / "checkpoints" / "link_1" / "final", final)  # same architecture
+    with pytest.raises(checkpoints.CheckpointError, match="holds other weights than the union"):
+        evaluate.evaluate_workdir(str(copy), config, split="test", name="swapped")
+    assert not (copy / "evaluations" / "swapped-test.json").exists()

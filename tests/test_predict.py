@@ -259,6 +259,27 @@ def test_damaged_checkpoint_names_it_and_the_fix(smoke_run, images, tmp_path, ca
     assert last.endswith("Or pick another --link.")
 
 
+def test_a_checkpoint_that_is_not_the_reported_model_is_refused(
+    smoke_run, images, tmp_path, capsys
+):
+    # Link 1's weights put where link 2's were (same architecture and classes): the predictions
+    # would pass for link 2's.
+    _, workdir, results = smoke_run
+    _, paths, _ = images
+    fake = _copy_run(workdir, results, tmp_path / "run")
+    final = os.path.join(fake, "checkpoints", "link_2", "final")
+    shutil.rmtree(final)
+    shutil.copytree(os.path.join(workdir, "checkpoints", "link_1", "final"), final)
+    code, out, err = _run(["--workdir", fake, "--images", paths[0]], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    found, reported = results["links"][0]["fingerprint"], results["links"][1]["fingerprint"]
+    assert err.startswith(
+        f"error: the final checkpoint of link_2 ({final}) holds other weights than the link_2 "
+        f"that {os.path.join(fake, 'results.json')} reports (fingerprint {found[:12]}, "
+        f"reported {reported[:12]}): it was replaced or altered after the run finished."
+    )
+
+
 def test_multi_seed_workdir_names_its_seed_runs(images, tmp_path, capsys):
     _, paths, _ = images
     for seed in (0, 1, 10):

@@ -419,6 +419,30 @@ def restore_finished(
     return spec, variables
 
 
+def restore_recorded(
+    workdir: str, record: dict, mesh: jax.sharding.Mesh, image_shape: tuple[int, ...]
+) -> tuple[train.ModelSpec, dict[str, PyTree]]:
+    """`restore_finished` for the model a ``results.json`` entry (``record``) reports, checked to
+    be that model: its weights must have the record's ``fingerprint`` (when it has one).
+
+    Raises:
+      checkpoints.CheckpointError: the checkpoint cannot be read, or holds other weights (copied
+        from another run, or altered since), whose outputs would pass for the reported model's.
+    """
+    name = record["name"]
+    spec, variables = restore_finished(workdir, name, mesh, image_shape)
+    expected, found = record.get("fingerprint"), checkpoints.fingerprint(variables)
+    if expected is not None and found != expected:
+        raise checkpoints.CheckpointError(
+            f"the final checkpoint of {name} ({checkpoints.final_dir(workdir, name)}) holds other "
+            f"weights than the {name} that {os.path.join(workdir, 'results.json')} reports "
+            f"(fingerprint {found[:12]}, reported {expected[:12]}): it was replaced or altered "
+            f"after the run finished. Fix: put the run's own checkpoints/{name} back, or point "
+            "--workdir at the run these checkpoints come from."
+        )
+    return spec, variables
+
+
 def load_checked(config) -> tuple[ImageSet, Splits]:
     """The data ``config`` names and the run's splits of it, checked to be enough for every
     split and fraction (`DataError` / `SplitError` otherwise)."""

@@ -17,7 +17,8 @@ Writes ``DIR/evaluations/<NAME>-<split>.json`` (``NAME``: the config file's name
 with one `weckd_jax.metrics.classification_metrics` dict per model under ``metrics``, and prints
 a table next to each model's test accuracy in the run. An existing file written with another
 config is never replaced (exit status 2: pass another ``--name``). The config's ``model`` and
-``chain`` keys are replaced by the run's: the models come from its checkpoints. When the data is
+``chain`` keys are replaced by the run's: the models come from its checkpoints, each checked to
+hold the weights ``results.json`` reports (their ``fingerprint``). When the data is
 the run's own (see `chain.data_record`), the output counts the evaluated images the run trained
 on or selected epochs on, and a note warns that such metrics are optimistic.
 """
@@ -274,7 +275,7 @@ def evaluate_workdir(
     batch_size = config.train.eval_batch_size
     out_models = {}
     for model_name, record in models:
-        spec, variables = chain.restore_finished(workdir, model_name, mesh, (size, size, channels))
+        spec, variables = chain.restore_recorded(workdir, record, mesh, (size, size, channels))
         _, m = chain.evaluate(spec, variables, data, index, batch_size=batch_size, mesh=mesh)
         out_models[model_name] = {
             **({"link": record["link"]} if "link" in record else {}),

@@ -21,11 +21,12 @@ warning).
 An image that cannot be decoded is **skipped** with a warning naming it on stderr, and is absent
 from the CSV; the exit status is then still 0 (the warning says how many were skipped). Exit
 status 2, with one message and no traceback, when: DIR has no ``results.json`` (for a multi-seed
-experiment the message names its ``DIR/seed_<s>`` runs), the link has no final checkpoint or it
-cannot be read, the checkpoint's number of classes differs from the run's class names,
-``--link`` names a link the run does not have, no image is found under PATH, no image could be
-decoded, or ``--output`` is a folder or an existing file (without ``--overwrite``). Runs as a
-single process (any number of local devices).
+experiment the message names its ``DIR/seed_<s>`` runs), the link has no final checkpoint, it
+cannot be read or its weights are not those ``results.json`` reports (their SHA-256
+``fingerprint``: a checkpoint copied from another run, or altered), the checkpoint's number of
+classes differs from the run's class names, ``--link`` names a link the run does not have, no
+image is found under PATH, no image could be decoded, or ``--output`` is a folder or an existing
+file (without ``--overwrite``). Runs as a single process (any number of local devices).
 """
 
 from __future__ import annotations
@@ -121,8 +122,9 @@ def load_results(workdir: str) -> dict:
     return results
 
 
-def link_name(workdir: str, results: dict, link: int | None) -> str:
-    """The checkpoint name of link ``link`` (default: the last); checks that it finished."""
+def link_record(workdir: str, results: dict, link: int | None) -> dict:
+    """The ``results.json`` entry of link ``link`` (default: the last); checks that it has a
+    final checkpoint."""
 
     numbers = [int(r["link"]) for r in results["links"]]
     if not numbers:
@@ -134,13 +136,14 @@ def link_name(workdir: str, results: dict, link: int | None) -> str:
             f"--link {link} does not exist: the run in {workdir} has links "
             f"{', '.join(str(n) for n in numbers)}"
         )
-    name = next(r["name"] for r in results["links"] if int(r["link"]) == link)
+    record = next(r for r in results["links"] if int(r["link"]) == link)
+    name = record["name"]
     if not checkpoints.has_final(workdir, name):
         raise PredictError(
             f"{workdir} has no final checkpoint for {name} "
             f"({checkpoints.final_dir(workdir, name)}): were the checkpoints moved or deleted?"
         )
-    return name
+    return record
 
 
 def find_images(path: str) -> list[str]:
@@ -176,13 +179,15 @@ def _reason(path: str, error: Exception) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
-def _restore(workdir: str, name: str, mesh, image_shape: tuple[int, ...], class_names: list[str]):
-    """`chain.restore_finished`, with a damaged checkpoint, or one of a run with other classes,
-    as a `PredictError`."""
+def _restore(
+    workdir: str, record: dict, mesh, image_shape: tuple[int, ...], class_names: list[str]
+):
+    """`chain.restore_recorded`, with a damaged checkpoint, one that is not the reported model,
+    or one of a run with other classes, as a `PredictError`."""
 
-    final = checkpoints.final_dir(workdir, name)
+    final = checkpoints.final_dir(workdir, record["name"])
     try:
-        spec, variables = chain.restore_finished(workdir, name, mesh, image_shape)
+        spec, variables = chain.restore_recorded(workdir, record, mesh, image_shape)
     except checkpoints.CheckpointError as e:
         raise PredictError(f"{e} Or pick another --link.") from None
     if spec.num_classes != len(class_names):
@@ -236,9 +241,9 @@ def predict(
     data = results["data"]
     class_names = list(data["class_names"])
     size, channels = int(data["image_size"]), int(data["channels"])
-    name = link_name(workdir, results, link)
+    record = link_record(workdir, results, link)
     mesh = parallel.data_mesh()
-    spec, variables = _restore(workdir, name, mesh, (size, size, channels), class_names)
+    spec, variables = _restore(workdir, record, mesh, (size, size, channels), class_names)
     batch = _batch_size(workdir, batch_size)
     decode = _decoder()
 
@@ -275,7 +280,7 @@ def predict(
             f"none of the {len(paths)} image(s) could be decoded (first: {skipped[0][0]}: "
             f"{skipped[0][1]}); point --images at PNG, JPEG, BMP or TIFF files"
         )
-    return Prediction(kept, np.concatenate(probs), class_names, name, skipped)
+    return Prediction(kept, np.concatenate(probs), class_names, record["name"], skipped)
 
 
 def csv_text(prediction: Prediction) -> str:
