@@ -703,6 +703,7 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
 
     records, test_probs = {}, {}
     metrics_log = MetricsLog(workdir, enabled=writer)
+    reloaded_all = True
     for job in jobs:
         record_path = os.path.join(workdir, "jobs", f"{job.name}.json")
         if os.path.exists(record_path):
@@ -710,6 +711,7 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
                 records[job.name] = json.load(f)
             progress.print(f"{job.name}: finished earlier, results reloaded")
             continue
+        reloaded_all = False
         if not checkpoints.has_final(workdir, job.name):
             train_job(
                 job,
@@ -770,6 +772,8 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
         },
     }
     metrics_log.close()
+    if reloaded_all:
+        results.update(_how_it_ran(workdir))
     if not use_test:
         if writer:
             files.write_json(os.path.join(workdir, "results.json"), results)
@@ -788,6 +792,19 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
         report_md.write_report(workdir, results)
     report.print_results(progress, results)
     return results
+
+
+def _how_it_ran(workdir: str) -> dict:
+    """``devices``, ``processes`` and ``runtime`` of the run's ``results.json``, if it has one: a
+    rerun that only reloads the finished jobs keeps the record of the run that trained them
+    (instead of the few seconds it took to reload them)."""
+    try:
+        with open(os.path.join(workdir, "results.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    keys = ("devices", "processes", "runtime")
+    return {key: saved[key] for key in keys if key in saved} if isinstance(saved, dict) else {}
 
 
 def run_seeds(config, workdir: str, progress: Progress) -> dict:
