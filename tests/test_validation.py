@@ -280,6 +280,31 @@ def test_ctrl_c_stops_launch_in_one_line_and_keeps_the_workdir(tmp_path):
     assert (workdir / "config.json").exists()
 
 
+CTRL_C = {  # a tool whose work is stopped by Ctrl-C, as python -c code
+    "predict": "from weckd_jax import predict\npredict.predict = ctrl_c\n"
+    "sys.exit(predict.main(['--workdir', 'w', '--images', 'README.md']))",
+    "evaluate": "from weckd_jax import evaluate\nevaluate.evaluate_workdir = ctrl_c\n"
+    "sys.exit(evaluate.main(['evaluate', '--workdir', 'w', '--config', 'configs/smoke.py']))",
+    "bench": "sys.argv = ['bench', '--config', 'configs/smoke.py']\nfrom absl import app\n"
+    "from weckd_jax import bench, cli\nbench.run = ctrl_c\n"
+    "app.run(bench.main, flags_parser=cli.parse_flags)",
+}
+
+
+def test_ctrl_c_stops_predict_evaluate_and_bench_in_one_line():
+    start = "import sys\ndef ctrl_c(*args, **kwargs):\n    raise KeyboardInterrupt\n"
+    procs = {
+        tool: subprocess.Popen(
+            [sys.executable, "-c", start + code], cwd=REPO, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True,
+        )
+        for tool, code in CTRL_C.items()
+    }  # fmt: skip
+    for tool, proc in procs.items():
+        _, stderr = proc.communicate(timeout=300)
+        assert (tool, proc.returncode, stderr) == (tool, 130, "interrupted: nothing was written\n")
+
+
 def test_divergence_names_link_epoch_and_step_and_keeps_last_checkpoint(tmp_path):
     config = smoke_config()
     config.train.learning_rate = 1e30  # the first update sends the weights to inf

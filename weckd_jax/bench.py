@@ -233,7 +233,10 @@ def main(argv: list[str]) -> None:
         config_lib.validate(config)
     except config_lib.ConfigError as e:
         cli.fail(str(e))
-    result = run(config, repeats=_REPEATS.value, steps=_STEPS.value)
+    try:
+        result = run(config, repeats=_REPEATS.value, steps=_STEPS.value)
+    except KeyboardInterrupt:
+        cli.interrupted("nothing was written")
     print_table(result)
     if _JSON.value:
         try:

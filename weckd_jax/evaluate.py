@@ -413,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoints.CheckpointError,
     ) as e:
         return fail(str(e))
+    except KeyboardInterrupt:
+        cli.interrupted("nothing was written")
     return 0
 
 

@@ -337,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (2 and one message on a user error)."""
     from absl import logging
 
+    from weckd_jax import cli
+
     ops.configure_cpu_flags()  # before JAX starts a backend
     args = _parser().parse_args(argv)
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
@@ -351,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     except PredictError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        cli.interrupted("nothing was written")
     # The skipped images are named once all are read: when none could be, the error says it once.
     for path, reason in prediction.skipped:
         print(f"warning: skipped {path}, it cannot be decoded ({reason})", file=sys.stderr)
