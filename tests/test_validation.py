@@ -41,7 +41,7 @@ def _set(config, key, value):
         ("model.backbone", "vgg16", "model.backbone 'vgg16' is unknown; valid: resnet10"),
         ("model.backbone", "resnet18,resnet10", "names 2 backbones for chain.length=3"),
         ("model.stem", "huge", "model.stem='huge' is unknown"),
-        ("data.image_size", 24, r"too small for resnet18 with the 'imagenet' stem \(needs >= 33\)"),
+        ("data.image_size", 24, r"'imagenet' stem \(needs >= 33\); raise data.image_size or use"),
         ("data.source", "s3", "data.source='s3' is unknown; valid: synthetic, folder, tfds"),
         ("data.modality", "xray", "data.modality='xray' is unknown; valid: otoscopy"),
         ("data.val_fraction", 0.0, "data.val_fraction must be > 0"),
@@ -73,6 +73,18 @@ def test_each_bad_value_is_named(key, value, match):
     _set(config, key, value)
     with pytest.raises(ConfigError, match=match):
         validate(config)
+
+
+def test_an_image_size_too_small_for_the_small_stem_asks_only_for_larger_images():
+    config = base_config()
+    config.model.stem = "small"
+    config.data.image_size = 0
+    with pytest.raises(ConfigError) as e:
+        validate(config)
+    assert str(e.value) == (
+        "data.image_size=0 is too small for resnet18 with the 'small' stem (needs >= 9); raise "
+        "data.image_size"
+    )
 
 
 def test_a_config_lacking_keys_or_not_a_configdict_is_named():

@@ -362,13 +362,13 @@ def validate(config, workdir: str | None = None) -> None:
         c.model.stem in models.STEMS,
         f"model.stem={c.model.stem!r} is unknown; valid: {', '.join(models.STEMS)}",
     )
+    other_stem = " or use model.stem='small'" if c.model.stem != "small" else ""
     for name in set(names):
         smallest = models.min_image_size(name, c.model.stem)
         need(
             c.data.image_size >= smallest,
             f"data.image_size={c.data.image_size} is too small for {name} with the "
-            f"{c.model.stem!r} stem (needs >= {smallest}); raise data.image_size or use "
-            "model.stem='small'",
+            f"{c.model.stem!r} stem (needs >= {smallest}); raise data.image_size{other_stem}",
         )
     need(c.model.width >= 1, f"model.width={c.model.width} must be >= 1")
     need(
