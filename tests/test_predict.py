@@ -292,6 +292,33 @@ def test_multi_seed_workdir_names_its_seed_runs(images, tmp_path, capsys):
     )
 
 
+def test_an_unfinished_run_or_a_search_names_the_fix(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # launch began, and stopped before the end
+    with pytest.raises(predict.PredictError) as e:
+        predict.load_results(str(run))
+    assert str(e.value) == (
+        f"{run} holds a run that has not finished (no results.json yet): rerun the launch "
+        f"command that started it (same --config, --workdir {run}) to finish it, then point "
+        "--workdir at it again"
+    )
+    search = tmp_path / "search"
+    search.mkdir()
+    (search / "study.db").write_bytes(b"")
+    (search / "config.json").write_text("{}")
+    with pytest.raises(predict.PredictError, match="its best config has no run yet: rerun the"):
+        predict.load_results(str(search))
+    best = search / "best" / "trial_3"
+    (search / "best_results.json").write_text(json.dumps({"workdir": str(best)}))
+    with pytest.raises(predict.PredictError) as e:
+        predict.load_results(str(search))
+    assert str(e.value) == (
+        f"{search} holds a hyper-parameter search, not a run: point --workdir at its best "
+        f"config's run, --workdir {best}"
+    )
+
+
 def test_images_in_linked_folders_are_found_as_training_finds_them(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -798,11 +798,7 @@ def _how_it_ran(workdir: str) -> dict:
     """``devices``, ``processes`` and ``runtime`` of the run's ``results.json``, if it has one: a
     rerun that only reloads the finished jobs keeps the record of the run that trained them
     (instead of the few seconds it took to reload them)."""
-    try:
-        with open(os.path.join(workdir, "results.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return {}
+    saved = files.read_json(os.path.join(workdir, "results.json"))
     keys = ("devices", "processes", "runtime")
     return {key: saved[key] for key in keys if key in saved} if isinstance(saved, dict) else {}
 

@@ -25,7 +25,6 @@ on or selected epochs on, and a note warns that such metrics are optimistic.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -94,14 +93,6 @@ def _label_map(trained: list[str], new: tuple[str, ...], source: str) -> np.ndar
     return np.array([trained.index(n) for n in new], np.int64)
 
 
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _overlap(
     workdir: str, run_config: dict | None, config_json: dict, data, index: np.ndarray, digests: dict
 ):
@@ -117,7 +108,7 @@ def _overlap(
     run's is not detected.
     """
     unknown = {"same_data_as_run": None, "in_run_train_pool": None, "in_run_val": None}
-    saved = _read_json(os.path.join(workdir, "data.json"))
+    saved = files.read_json(os.path.join(workdir, "data.json"))
     if saved is None or run_config is None or "examples" not in saved:
         return unknown, (
             "this run keeps no record of its data (config.json or data.json is missing: it "
@@ -166,7 +157,7 @@ def _overlap(
 def _refuse_overwrite(path: str, config_json: dict, examples: str) -> None:
     """Refuses to replace an evaluation made with another config (e.g. another hospital's data
     under the same config file name) or on other examples (the folder changed since)."""
-    existing = _read_json(path)
+    existing = files.read_json(path)
     if existing is None:
         return
     changed = config_lib.differences(existing.get("config", {}), config_json)
@@ -211,7 +202,7 @@ def evaluate_workdir(
     trained_names = list(trained["class_names"])
     size, channels = int(trained["image_size"]), int(trained["channels"])
 
-    run_config = _read_json(os.path.join(workdir, "config.json"))
+    run_config = files.read_json(os.path.join(workdir, "config.json"))
     config = config.copy_and_resolve_references()
     with config.unlocked():
         if run_config is not None:

@@ -98,6 +98,15 @@ def write_json(path: str, value, *, replace: bool = True) -> None:
     write_text(path, json_text(value), replace=replace)
 
 
+def read_json(path: str):
+    """The JSON value in ``path``, or None when it is missing or cannot be read as JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def nearest_existing(path: str) -> str:
     """The absolute ``path``, or its nearest ancestor that exists (a broken link counts)."""
     folder = os.path.abspath(path)

@@ -106,6 +106,21 @@ def load_results(workdir: str) -> dict:
                 f"{workdir} holds a multi-seed experiment ({', '.join(seeds)}), one run per seed: "
                 f"point --workdir at one of them, e.g. --workdir {os.path.join(workdir, seeds[0])}"
             )
+        if os.path.isfile(os.path.join(workdir, "study.db")):
+            best = files.read_json(os.path.join(workdir, "best_results.json")) or {}
+            fix = (
+                f"point --workdir at its best config's run, --workdir {best['workdir']}"
+                if "workdir" in best
+                else "its best config has no run yet: rerun the search without "
+                "--evaluate_best=false to train and test it"
+            )
+            raise PredictError(f"{workdir} holds a hyper-parameter search, not a run: {fix}")
+        if os.path.isfile(os.path.join(workdir, "config.json")):
+            raise PredictError(
+                f"{workdir} holds a run that has not finished (no results.json yet): rerun the "
+                f"launch command that started it (same --config, --workdir {workdir}) to finish "
+                "it, then point --workdir at it again"
+            )
         raise PredictError(
             f"{workdir} has no results.json: it is not a finished weckd_jax run. Point --workdir "
             "at the folder `python -m weckd_jax.launch --workdir DIR` wrote, after it finished."
