@@ -130,6 +130,27 @@ BAD_CONFIG_FILES = {
         "get_config() failed (line 2): NameError: name 'undefined_name' is not defined",
     ),
     "import_fails.py": ("import no_such_module_x\n", "running it failed (line 1): Module"),
+    "backbone_tuple.py": (
+        "from weckd_jax.config import base_config\n"
+        "def get_config():\n"
+        "    c = base_config()\n"
+        "    c.model.backbone = ('resnet18', 'mobilenetv2', 'resnet18')\n"
+        "    return c\n",
+        "(line 4): TypeError: Could not override field 'backbone' (reference). ('resnet18', "
+        "'mobilenetv2', 'resnet18') is of original type <class 'tuple'> and cannot be casted to "
+        "type <class 'str'>; give backbone a value of its default's type (one backbone per link "
+        "is one comma-separated string, e.g. 'resnet18,mobilenetv2,resnet18'), see "
+        "weckd_jax/config.py",
+    ),
+    "epochs_float.py": (
+        "from weckd_jax.config import base_config\n"
+        "def get_config():\n"
+        "    c = base_config()\n"
+        "    c.train.epochs = 2.5\n"
+        "    return c\n",
+        "cannot be casted to type <class 'int'>; give epochs a value of its default's type, see "
+        "weckd_jax/config.py",
+    ),
 }
 
 

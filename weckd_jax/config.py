@@ -149,7 +149,9 @@ def load_file(path: str) -> ml_collections.ConfigDict:
         lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if _same_file(f, file)]
         where = f" (line {lines[-1]})" if lines else ""
         text = " ".join(str(e).split())
-        return ConfigError(f"config file {file}: {what}{where}: {type(e).__name__}: {text}")
+        return ConfigError(
+            f"config file {file}: {what}{where}: {type(e).__name__}: {text}{_type_fix(e)}"
+        )
 
     name = "weckd_config_" + re.sub(r"\W", "_", os.path.abspath(file))
     loader = importlib.machinery.SourceFileLoader(name, file)
@@ -184,6 +186,21 @@ def load_file(path: str) -> ml_collections.ConfigDict:
             "changed (see configs/smoke.py)"
         )
     return config
+
+
+def _type_fix(error: BaseException) -> str:
+    """The fix for a value of the wrong type set in a config file (ml_collections keeps each
+    key's type), or ""."""
+    found = re.search(r"Could not override field '(\w+)'", str(error))
+    if not isinstance(error, TypeError) or not found:
+        return ""
+    per_link = (
+        " (one backbone per link is one comma-separated string, e.g. "
+        "'resnet18,mobilenetv2,resnet18')"
+        if found[1] == "backbone"
+        else ""
+    )
+    return f"; give {found[1]} a value of its default's type{per_link}, see weckd_jax/config.py"
 
 
 def _same_file(frame: traceback.FrameSummary, file: str) -> bool:
