@@ -325,6 +325,41 @@ def test_a_damaged_final_checkpoint_is_named_with_the_fix(smoke_run, tmp_path):
     assert os.path.join(str(tmp_path), "jobs", "link_1.json") in str(error.value)
 
 
+def test_a_damaged_in_training_checkpoint_is_named_with_the_fix_that_resumes(tmp_path):
+    config = smoke_config()
+    config.train.checkpoint_every = 1
+    config.baselines.union_supervised = False
+    config.baselines.full_supervised = False
+    workdir = str(tmp_path)
+
+    class Stop(Exception):
+        pass
+
+    def stop(name, epoch, record):
+        raise Stop  # after the first epoch of link 1: its steps 1 and 2 are saved
+
+    with pytest.raises(Stop):
+        chain.run(config, workdir, Progress(enabled=False), on_epoch=stop)
+    assert checkpoints.TrainCheckpoints(workdir, "link_1").latest_step() == 2
+    newest = os.path.join(checkpoints.train_dir(workdir, "link_1"), "2")
+    shutil.rmtree(os.path.join(newest, "arrays"))  # e.g. a copy of the workdir that stopped short
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        chain.run(config, workdir, Progress(enabled=False))
+    assert str(e.value).startswith(
+        f"the in-training checkpoint {newest} of link_1 cannot be read (KeyError: "
+    )
+    assert str(e.value).endswith(
+        "it was damaged or partly deleted. Fix: delete that folder and rerun the same command, "
+        "which resumes link_1 from its checkpoint before (or trains it again from its start when "
+        "there is none)."
+    )
+    shutil.rmtree(newest)  # the fix
+    out = io.StringIO()
+    results = chain.run(config, workdir, Progress(stream=out))
+    assert "link_1: resuming from step 1 of 4" in out.getvalue()
+    assert [link["name"] for link in results["links"]] == ["link_1", "link_2"]
+
+
 def test_a_batch_larger_than_the_link_data_is_warned_about(tmp_path):
     config = smoke_config()
     with config.unlocked():

@@ -88,9 +88,14 @@ class CheckpointError(Exception):
     """A finished link's checkpoint cannot be read; the message names it and the fix."""
 
 
-def _unreadable(workdir: str, name: str, error: Exception) -> CheckpointError:
+def _reason(error: Exception) -> str:
+    """Why orbax could not read a checkpoint, on one short line."""
     text = " ".join(str(error).split())
-    reason = type(error).__name__ + (f": {text[:160]}" if text else "")
+    return type(error).__name__ + (f": {text[:160]}" if text else "")
+
+
+def _unreadable(workdir: str, name: str, error: Exception) -> CheckpointError:
+    reason = _reason(error)
     return CheckpointError(
         f"the final checkpoint of {name} ({final_dir(workdir, name)}) cannot be read ({reason}): "
         "it was damaged or partly deleted. Fix: move that folder and "
@@ -148,7 +153,8 @@ class TrainCheckpoints:
     """
 
     def __init__(self, workdir: str, name: str, keep: int = 2):
-        self._manager = _manager(train_dir(workdir, name), max_to_keep=keep)
+        self._name, self._directory = name, train_dir(workdir, name)
+        self._manager = _manager(self._directory, max_to_keep=keep)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -185,23 +191,30 @@ class TrainCheckpoints:
     ) -> tuple[dict[str, PyTree], dict[str, PyTree], dict]:
         """Reads checkpoint ``step`` into trees shaped like ``state`` and ``best`` (any values):
         returns the state's ``params``/``batch_stats``/``opt_state``, the best weights and the
-        meta; the grain iterator ``data_iter`` is moved to where it was."""
+        meta; the grain iterator ``data_iter`` is moved to where it was.
+
+        Raises:
+          CheckpointError: the checkpoint cannot be read (damaged or partly deleted).
+        """
         template, unravel = ravel_pytree(_resumable(state, best))
-        sharding = template.sharding
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                arrays=ocp.args.StandardRestore(
-                    {
-                        "flat": jax.ShapeDtypeStruct(
-                            template.shape, template.dtype, sharding=sharding
-                        )
-                    }
+        flat = jax.ShapeDtypeStruct(template.shape, template.dtype, sharding=template.sharding)
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    arrays=ocp.args.StandardRestore({"flat": flat}),
+                    meta=ocp.args.JsonRestore(),
+                    data_iter=grain.checkpoint.CheckpointRestore(data_iter),
                 ),
-                meta=ocp.args.JsonRestore(),
-                data_iter=grain.checkpoint.CheckpointRestore(data_iter),
-            ),
-        )
+            )
+        except Exception as e:  # orbax raises KeyError, FileNotFoundError, ValueError, ...
+            folder = os.path.join(self._directory, str(step))
+            raise CheckpointError(
+                f"the in-training checkpoint {folder} of {self._name} cannot be read "
+                f"({_reason(e)}): it was damaged or partly deleted. Fix: delete that folder and "
+                f"rerun the same command, which resumes {self._name} from its checkpoint before "
+                "(or trains it again from its start when there is none)."
+            ) from e
         arrays, best = unravel(restored.arrays["flat"])
         return arrays, best, restored.meta
 
