@@ -68,6 +68,15 @@ def test_an_evaluation_with_another_config_is_not_overwritten(smoke_run):
     assert os.path.isfile(first["path"]) and os.path.isfile(kept["path"])
 
 
+@pytest.mark.parametrize("name", ["../outside", "sub/name", "..", ""])
+def test_a_name_that_would_write_outside_the_evaluations_folder_is_refused(smoke_run, name):
+    config, workdir, _ = smoke_run
+    before = sorted(os.listdir(os.path.dirname(workdir)))
+    with pytest.raises(evaluate.EvaluateError, match=r"is no file name: give a name without '/'"):
+        evaluate.evaluate_workdir(workdir, config, split="test", name=name)
+    assert sorted(os.listdir(os.path.dirname(workdir))) == before
+
+
 def test_the_trained_architecture_is_used_not_the_evaluation_configs(smoke_run):
     config, workdir, results = smoke_run
     other = config.copy_and_resolve_references()

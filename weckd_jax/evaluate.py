@@ -195,6 +195,12 @@ def evaluate_workdir(
 
     if split not in SPLITS:
         raise EvaluateError(f"--split={split} is unknown; valid: {', '.join(SPLITS)}")
+    if name in ("", ".", "..") or os.sep in name or (os.altsep and os.altsep in name):
+        # The output must stay inside workdir/evaluations/.
+        raise EvaluateError(
+            f"--name={name!r} is no file name: give a name without {os.sep!r}, e.g. "
+            "--name=site_b (the output is evaluations/<name>-<split>.json in the run's folder)"
+        )
     say = progress.print if progress is not None else (lambda *_: None)
     results = _load_run(workdir)
     models = _models(workdir, results)
