@@ -269,6 +269,35 @@ def test_a_workdir_of_an_older_version_is_refused_with_the_fix_that_works(tmp_pa
         chain.check_workdir(config, str(tmp_path))
 
 
+def test_a_folder_of_images_or_a_search_is_refused_as_a_workdir(tmp_path):
+    from weckd_jax import config as config_lib
+
+    config = smoke_config()
+    (tmp_path / "normal").mkdir()
+    (tmp_path / "normal" / "ear_01.PNG").write_bytes(b"")
+    listing = sorted(os.listdir(tmp_path))
+    with pytest.raises(config_lib.ConfigError, match=r"holds images \(.*ear_01.PNG\), not a run"):
+        chain.run(config, str(tmp_path), Progress(enabled=False))
+    assert sorted(os.listdir(tmp_path)) == listing  # nothing written into the user's images
+    (tmp_path / "normal" / "ear_01.PNG").unlink()
+    (tmp_path / "manifest.csv").write_text("path,label\n")
+    with pytest.raises(config_lib.ConfigError, match="manifest.csv"):
+        chain.check_workdir(config, str(tmp_path))
+    (tmp_path / "manifest.csv").unlink()
+    chain.check_workdir(config, str(tmp_path))  # folders without images: a fresh run may start
+
+    (tmp_path / "study.db").write_bytes(b"")
+    with pytest.raises(config_lib.ConfigError, match="is the folder of a hyper-parameter search"):
+        chain.check_workdir(config, str(tmp_path))
+
+
+def test_a_finished_run_passes_the_workdir_check(smoke_run):
+    # Its figures (PNG) lie in DIR/figures/: a run's own folder is no folder of images.
+    config, workdir, _ = smoke_run
+    assert any(name.endswith(".png") for name in os.listdir(os.path.join(workdir, "figures")))
+    chain.check_workdir(config, workdir)
+
+
 def test_resuming_on_splits_cut_otherwise_is_refused(smoke_run, tmp_path):
     # E.g. a newer version whose splitting code rounds differently, on the same data.
     config, data, splits = _bound_copy(smoke_run, tmp_path)

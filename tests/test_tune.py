@@ -354,6 +354,14 @@ def test_a_search_inside_the_data_folder_is_refused(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_search_in_a_run_folder_is_refused(smoke_run):
+    _, workdir, _ = smoke_run
+    listing = sorted(os.listdir(workdir))
+    with pytest.raises(config_lib.ConfigError, match=r"holds a run of launch \(its jobs/ folder\)"):
+        tune.run(search_config(), workdir, 1, evaluate_best=False, say=print)
+    assert sorted(os.listdir(workdir)) == listing
+
+
 def test_ctrl_c_stops_a_search_in_one_line_and_fails_the_running_trial(tmp_path):
     args = _tune_args(tmp_path, "--trials=1", "--evaluate_best=false")
     ready = (tmp_path / "trials" / "0" / "config.json").exists  # trial 0 is running

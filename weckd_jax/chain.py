@@ -25,7 +25,7 @@ from weckd_jax import data as data_lib
 from weckd_jax import seeds as seeds_lib
 from weckd_jax.data import pipeline
 from weckd_jax.data import types as data_types
-from weckd_jax.data.folder import check_enough
+from weckd_jax.data.folder import IMAGE_EXTENSIONS, MANIFEST_NAME, check_enough
 from weckd_jax.data.splits import Splits, make_splits
 from weckd_jax.data.splits import digest as splits_digest
 from weckd_jax.data.types import DataError, ImageSet
@@ -573,9 +573,22 @@ def _write_new(path: str, value) -> None:
 
 def check_workdir(config, workdir: str) -> None:
     """Refuses a workdir that holds a run with another config (``config.json``): resuming it
-    would mix two experiments. Cheap: called before any data is loaded."""
+    would mix two experiments; and one that is no run's folder: a search's (``study.db``) or a
+    folder of images. Cheap: called before any data is loaded."""
+    if os.path.exists(os.path.join(workdir, "study.db")):
+        raise config_lib.ConfigError(
+            f"{workdir} is the folder of a hyper-parameter search (it holds study.db); a run "
+            "there would mix its files with the search's. The search's best config trained "
+            f"once more is in {os.path.join(workdir, 'best')}; choose a new --workdir for a run"
+        )
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
+        if images := _image_folder_sign(workdir):
+            raise config_lib.ConfigError(
+                f"{workdir} holds images ({images}), not a run: checkpoints and results "
+                "written there would be read as a class folder by a later run on these "
+                "images. Choose a new --workdir (data.root names the images to train on)"
+            )
         return
     with open(path) as f:
         saved = json.load(f)
@@ -594,6 +607,25 @@ def check_workdir(config, workdir: str) -> None:
         f"{workdir} holds a run with another config; resuming it would mix two "
         "experiments. Differences (saved -> now):\n  " + "\n  ".join(changed) + "\n" + fix
     )
+
+
+def _image_folder_sign(workdir: str) -> str | None:
+    """A path showing that ``workdir`` is a folder of images (a manifest, or an image in it or
+    in a folder inside it, as in ``DIR/<class>/<image>``), or None."""
+    if not os.path.isdir(workdir):
+        return None
+    manifest = os.path.join(workdir, MANIFEST_NAME)
+    if os.path.exists(manifest):
+        return manifest
+    folders = [workdir]
+    with os.scandir(workdir) as entries:
+        folders += sorted(e.path for e in entries if e.is_dir())
+    for folder in folders:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                    return entry.path
+    return None
 
 
 def bind_workdir(config, workdir: str, data: ImageSet, splits: Splits, writer: bool) -> str | None:

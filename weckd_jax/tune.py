@@ -255,7 +255,15 @@ def study_name(config) -> str:
 
 
 def check_study_dir(config, workdir: str) -> None:
-    """Refuses to continue a search in ``workdir`` with another config or search space."""
+    """Refuses to continue a search in ``workdir`` with another config or search space, and to
+    start one in the folder of a launch run."""
+    if os.path.isdir(os.path.join(workdir, "jobs")) and not os.path.exists(
+        os.path.join(workdir, "study.db")
+    ):
+        raise ConfigError(
+            f"{workdir} holds a run of launch (its jobs/ folder), not a search: a search there "
+            "would mix its files with the run's. Use a new --workdir for the search."
+        )
     path = os.path.join(workdir, "config.json")
     current = config_lib.as_json(config)
     if os.path.exists(path):
