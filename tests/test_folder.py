@@ -4,6 +4,7 @@ group-disjoint splits, every bad-input error, the on-disk cache, progress, and a
 import importlib
 import logging
 import os
+import shutil
 import stat
 import struct
 import zlib
@@ -567,14 +568,19 @@ def test_check_enough_names_short_classes_and_the_fix(tmp_path):
         save_any(root / "common" / f"{i}.png", i)
     for i in range(3):
         save_any(root / "rare" / f"{i}.png", 100 + i)
+    save_any(root / "single" / "0.png", 200)
     data = folder.load(data_config(root))
     with pytest.raises(DataError) as e:
         _check_enough(data, val_fraction=0.15, test_fraction=0.2, num_fractions=3, fraction=0.1)
     message = str(e.value)
     assert "'rare' (3 images): none in val" in message and "'common'" not in message
+    assert "'single' (1 image): none in" in message
     assert "about 16 images" in message and "Fix: add images" in message
     assert "chain.fraction" in message
-    # The same data passes with one large fraction and large held-out shares.
+    # Without the single-image class, the same data passes with one large fraction and large
+    # held-out shares.
+    shutil.rmtree(root / "single")
+    data = folder.load(data_config(root))
     _check_enough(data, val_fraction=0.34, test_fraction=0.34, num_fractions=1, fraction=1.0)
 
 

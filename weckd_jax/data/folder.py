@@ -1149,9 +1149,11 @@ def check_enough(
     per_class = np.bincount(data.labels, minlength=k)
     lines = []
     for c, missing in short.items():
-        have = f"{per_class[c]} images"
+        n = per_class[c]
+        have = f"{n} image{'' if n == 1 else 's'}"
         if data.groups is not None:
-            have += f" of {len(np.unique(data.groups[data.labels == c]))} groups"
+            g = len(np.unique(data.groups[data.labels == c]))
+            have += f" of {g} group{'' if g == 1 else 's'}"
         lines.append(f"{data.class_names[c]!r} ({have}): none in {', '.join(missing)}")
     fixed = ""
     if data.split is not None and any(str(s) for s in data.split):
