@@ -310,7 +310,9 @@ def test_an_unfinished_run_or_a_search_names_the_fix(tmp_path):
     with pytest.raises(predict.PredictError, match="its best config has no run yet: rerun the"):
         predict.load_results(str(search))
     best = search / "best" / "trial_3"
-    (search / "best_results.json").write_text(json.dumps({"workdir": str(best)}))
+    # As a search started with --workdir search from another folder writes it.
+    written = {"trial": 3, "workdir": os.path.join("search", "best", "trial_3")}
+    (search / "best_results.json").write_text(json.dumps(written))
     with pytest.raises(predict.PredictError) as e:
         predict.load_results(str(search))
     assert str(e.value) == (

@@ -44,7 +44,7 @@ import sys
 import jax
 import numpy as np
 
-from weckd_jax import chain, checkpoints, files, ops, parallel
+from weckd_jax import chain, checkpoints, files, ops, parallel, tune
 from weckd_jax.data import folder
 from weckd_jax.data.folder import IMAGE_EXTENSIONS
 from weckd_jax.data.types import DataError
@@ -107,10 +107,12 @@ def load_results(workdir: str) -> dict:
                 f"point --workdir at one of them, e.g. --workdir {os.path.join(workdir, seeds[0])}"
             )
         if os.path.isfile(os.path.join(workdir, "study.db")):
+            # Not its "workdir": that path is relative to the folder the search was started in.
             best = files.read_json(os.path.join(workdir, "best_results.json")) or {}
             fix = (
-                f"point --workdir at its best config's run, --workdir {best['workdir']}"
-                if "workdir" in best
+                "point --workdir at its best config's run, --workdir "
+                f"{tune.best_run_dir(workdir, best['trial'])}"
+                if "trial" in best
                 else "its best config has no run yet: rerun the search without "
                 "--evaluate_best=false to train and test it"
             )

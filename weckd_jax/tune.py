@@ -632,6 +632,12 @@ def run(
     return out
 
 
+def best_run_dir(workdir: str, trial: int) -> str:
+    """The folder in which the search in ``workdir`` trains its best config (trial number
+    ``trial``) once more and evaluates it on the test split."""
+    return os.path.join(workdir, "best", f"trial_{trial}")
+
+
 def evaluate_best_trial(best_config, study, workdir: str, say, progress: Progress) -> str:
     """Trains the best config once more (baselines as configured) and evaluates it on the test
     split, once; writes ``DIR/best_results.json`` and returns its path."""
@@ -639,7 +645,7 @@ def evaluate_best_trial(best_config, study, workdir: str, say, progress: Progres
 
     best = study.best_trial
     link_k = objective_link(best_config)
-    run_dir = os.path.join(workdir, "best", f"trial_{best.number}")
+    run_dir = best_run_dir(workdir, best.number)
     say(f"evaluating the best config on the test split: {run_dir}")
     results = chain.run(best_config, run_dir, progress, use_test=True)
     record = results["links"][link_k - 1]
