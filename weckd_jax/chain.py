@@ -25,7 +25,7 @@ from weckd_jax import data as data_lib
 from weckd_jax import seeds as seeds_lib
 from weckd_jax.data import pipeline
 from weckd_jax.data import types as data_types
-from weckd_jax.data.folder import IMAGE_EXTENSIONS, MANIFEST_NAME, check_enough
+from weckd_jax.data.folder import check_enough, image_folder_sign
 from weckd_jax.data.splits import Splits, make_splits
 from weckd_jax.data.splits import digest as splits_digest
 from weckd_jax.data.types import DataError, ImageSet
@@ -583,7 +583,7 @@ def check_workdir(config, workdir: str) -> None:
         )
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        if images := _image_folder_sign(workdir):
+        if images := image_folder_sign(workdir):
             raise config_lib.ConfigError(
                 f"{workdir} holds images ({images}), not a run: checkpoints and results "
                 "written there would be read as a class folder by a later run on these "
@@ -607,25 +607,6 @@ def check_workdir(config, workdir: str) -> None:
         f"{workdir} holds a run with another config; resuming it would mix two "
         "experiments. Differences (saved -> now):\n  " + "\n  ".join(changed) + "\n" + fix
     )
-
-
-def _image_folder_sign(workdir: str) -> str | None:
-    """A path showing that ``workdir`` is a folder of images (a manifest, or an image in it or
-    in a folder inside it, as in ``DIR/<class>/<image>``), or None."""
-    if not os.path.isdir(workdir):
-        return None
-    manifest = os.path.join(workdir, MANIFEST_NAME)
-    if os.path.exists(manifest):
-        return manifest
-    folders = [workdir]
-    with os.scandir(workdir) as entries:
-        folders += sorted(e.path for e in entries if e.is_dir())
-    for folder in folders:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
-                    return entry.path
-    return None
 
 
 def bind_workdir(config, workdir: str, data: ImageSet, splits: Splits, writer: bool) -> str | None:

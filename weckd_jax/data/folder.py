@@ -701,6 +701,25 @@ def image_files(folder: str, skipped: list[tuple[str, str]] | None = None) -> li
     return found
 
 
+def image_folder_sign(path: str) -> str | None:
+    """A path showing that ``path`` is a folder of images (a manifest, or an image in it or in
+    a folder inside it, as in ``DIR/<class>/<image>``), or None."""
+    if not os.path.isdir(path):
+        return None
+    manifest = os.path.join(path, MANIFEST_NAME)
+    if os.path.exists(manifest):
+        return manifest
+    folders = [path]
+    with os.scandir(path) as entries:
+        folders += sorted(e.path for e in entries if e.is_dir())
+    for folder in folders:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if _is_image_name(entry.name) and entry.is_file():
+                    return entry.path
+    return None
+
+
 def _scan_folders(root: str) -> list[_Entry]:
     """Entries of ``root/<class>/**/<image>``; raises `DataError` for a layout that cannot work."""
     skipped: list[tuple[str, str]] = []
