@@ -362,6 +362,17 @@ def test_a_search_in_a_run_folder_is_refused(smoke_run):
     assert sorted(os.listdir(workdir)) == listing
 
 
+def test_a_search_in_a_folder_of_images_is_refused(tmp_path):
+    images = tmp_path / "images"
+    (images / "normal").mkdir(parents=True)
+    (images / "normal" / "ear_01.png").write_bytes(b"")
+    with pytest.raises(
+        config_lib.ConfigError, match=r"holds images \(.*ear_01.png\), not a search"
+    ):
+        tune.run(search_config(), str(images), 1, evaluate_best=False, say=print)
+    assert sorted(os.listdir(images)) == ["normal"]
+
+
 def test_ctrl_c_stops_a_search_in_one_line_and_fails_the_running_trial(tmp_path):
     args = _tune_args(tmp_path, "--trials=1", "--evaluate_best=false")
     ready = (tmp_path / "trials" / "0" / "config.json").exists  # trial 0 is running

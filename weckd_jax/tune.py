@@ -256,7 +256,9 @@ def study_name(config) -> str:
 
 def check_study_dir(config, workdir: str) -> None:
     """Refuses to continue a search in ``workdir`` with another config or search space, and to
-    start one in the folder of a launch run."""
+    start one in the folder of a launch run or in a folder of images."""
+    from weckd_jax.data.folder import image_folder_sign  # loads PIL: here, as `chain` is
+
     if os.path.isdir(os.path.join(workdir, "jobs")) and not os.path.exists(
         os.path.join(workdir, "study.db")
     ):
@@ -265,6 +267,12 @@ def check_study_dir(config, workdir: str) -> None:
             "would mix its files with the run's. Use a new --workdir for the search."
         )
     path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path) and (images := image_folder_sign(workdir)):
+        raise ConfigError(
+            f"{workdir} holds images ({images}), not a search: the search's files written there "
+            "would be read as a class folder by a later run on these images. Choose a new "
+            "--workdir (data.root names the images to search on)"
+        )
     current = config_lib.as_json(config)
     if os.path.exists(path):
         with open(path) as f:
