@@ -362,6 +362,13 @@ def test_a_search_in_a_run_folder_is_refused(smoke_run):
     assert sorted(os.listdir(workdir)) == listing
 
 
+def test_a_search_in_a_run_stopped_in_its_first_link_is_refused(tmp_path):
+    (tmp_path / "checkpoints" / "link_1" / "train").mkdir(parents=True)  # no jobs/ yet
+    with pytest.raises(config_lib.ConfigError, match=r"holds a run of launch \(its checkpoints/"):
+        tune.run(search_config(), str(tmp_path), 1, evaluate_best=False, say=print)
+    assert os.listdir(tmp_path) == ["checkpoints"]
+
+
 def test_a_search_in_a_folder_of_images_is_refused(tmp_path):
     images = tmp_path / "images"
     (images / "normal").mkdir(parents=True)
