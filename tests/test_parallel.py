@@ -124,6 +124,45 @@ def test_two_processes_on_localhost_match_one_process(smoke_run, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in two], one_losses, rtol=1e-4)
 
 
+def test_a_busy_workdir_stops_every_process_of_a_multi_process_run(tmp_path):
+    # Process 0 holds the lock; the other processes must stop too instead of waiting alone at
+    # their first collective.
+    from weckd_jax import files
+
+    workdir = tmp_path / "busy"
+    port = _free_port()
+    with files.exclusive_folder(str(workdir)):  # another run works there
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "weckd_jax.launch",
+                    "--config",
+                    SMOKE,
+                    f"--workdir={workdir}",
+                    f"--coordinator=127.0.0.1:{port}",
+                    "--num_processes=2",
+                    f"--process_id={i}",
+                ],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        try:
+            outs = [p.communicate(timeout=240) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        assert os.listdir(workdir) == []
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 2, err[-3000:]
+        assert "is in use by another" in err and "Traceback" not in err
+
+
 def _metrics(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from weckd_jax import checkpoints, figures, files, metrics, parallel, report, report_md, train
 from weckd_jax import config as config_lib
@@ -687,9 +688,28 @@ def run(
         return _run(config, workdir, progress, use_test=use_test, on_epoch=on_epoch)
 
 
+@contextlib.contextmanager
 def _exclusive(workdir: str):
-    """The lock on ``workdir`` that keeps a second run out of it, held by the writing process."""
-    return files.exclusive_folder(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    """The lock on ``workdir`` that keeps a second run out of it, held by the writing process
+    (process 0). When it is taken, every process raises `files.BusyError`: the others would
+    otherwise go on alone and stall at their first collective."""
+    with contextlib.ExitStack() as lock:
+        busy = None
+        if jax.process_index() == 0:
+            try:
+                lock.enter_context(files.exclusive_folder(workdir))
+            except files.BusyError as e:
+                busy = e
+        if jax.process_count() > 1:
+            taken = multihost_utils.broadcast_one_to_all(np.int32(busy is not None))
+            if taken and busy is None:
+                busy = files.BusyError(
+                    f"{workdir} is in use by another run (process 0 found it locked); wait for "
+                    "it to end, or choose another --workdir"
+                )
+        if busy is not None:
+            raise busy
+        yield
 
 
 def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) -> dict:
