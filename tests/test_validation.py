@@ -466,9 +466,12 @@ def test_a_ctrl_c_lost_in_a_gc_callback_is_delivered_again():
     # Python drops an exception raised in a gc callback (JAX registers one): without
     # keep_interrupts, a Ctrl-C landing there would be lost and the run would go on.
     code = (
-        "import gc\n"
+        "import gc, sys\n"
         "from weckd_jax import cli\n"
         "cli.keep_interrupts()\n"
+        "hook = sys.unraisablehook\n"
+        "cli.keep_interrupts()\n"  # as predict.main called twice in one process does
+        "print('one hook' if sys.unraisablehook is hook else 'hooks chained')\n"
         "def raise_once(phase, info):\n"
         "    if phase == 'start' and not getattr(raise_once, 'done', False):\n"
         "        raise_once.done = True\n"
@@ -483,4 +486,4 @@ def test_a_ctrl_c_lost_in_a_gc_callback_is_delivered_again():
         "    print('delivered')\n"
     )
     out = run_python("-c", code, timeout=300)
-    assert out.stdout.strip() == "delivered", out.stderr[-2000:]
+    assert out.stdout.split() == ["one", "hook", "delivered"], out.stderr[-2000:]

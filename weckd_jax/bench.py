@@ -221,6 +221,7 @@ def print_table(result: dict) -> None:
 
 def main(argv: list[str]) -> None:
     ops.configure_cpu_flags()  # before JAX starts a backend
+    cli.keep_interrupts()
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)

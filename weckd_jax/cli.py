@@ -29,8 +29,11 @@ def fail(message: str) -> None:
 def keep_interrupts() -> None:
     """Makes sure a Ctrl-C reaches the command: Python drops an exception raised inside a
     garbage-collection callback (JAX registers one), so a KeyboardInterrupt that lands there would
-    be lost and the run go on; it is delivered to the main thread again instead."""
+    be lost and the run go on; it is delivered to the main thread again instead. Calling it
+    again (e.g. `weckd_jax.predict.main` called in one process several times) changes nothing."""
     default = sys.unraisablehook
+    if getattr(default, "keeps_interrupts", False):
+        return
 
     def hook(unraisable) -> None:
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
@@ -39,6 +42,7 @@ def keep_interrupts() -> None:
         else:
             default(unraisable)
 
+    hook.keeps_interrupts = True
     sys.unraisablehook = hook
 
 

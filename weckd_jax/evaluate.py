@@ -369,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     from weckd_jax import cli
 
     ops.configure_cpu_flags()  # before JAX starts a backend
+    cli.keep_interrupts()
     argv = sys.argv if argv is None else argv
     values = _flags(argv)
 

@@ -357,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     from weckd_jax import cli
 
     ops.configure_cpu_flags()  # before JAX starts a backend
+    cli.keep_interrupts()
     args = _parser().parse_args(argv)
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
 
