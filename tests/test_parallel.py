@@ -86,11 +86,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_on_localhost_match_one_process(smoke_run, tmp_path):
-    _, _, single = smoke_run
-    workdir = tmp_path / "two"
+def _launch_two_processes(workdir):
+    """Processes 0 and 1 of one launch of the smoke config, coordinated on localhost."""
     port = _free_port()
-    procs = [
+    return [
         subprocess.Popen(
             [
                 sys.executable,
@@ -110,6 +109,12 @@ def test_two_processes_on_localhost_match_one_process(smoke_run, tmp_path):
         )
         for i in range(2)
     ]
+
+
+def test_two_processes_on_localhost_match_one_process(smoke_run, tmp_path):
+    _, _, single = smoke_run
+    workdir = tmp_path / "two"
+    procs = _launch_two_processes(workdir)
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
@@ -130,28 +135,8 @@ def test_a_busy_workdir_stops_every_process_of_a_multi_process_run(tmp_path):
     from weckd_jax import files
 
     workdir = tmp_path / "busy"
-    port = _free_port()
     with files.exclusive_folder(str(workdir)):  # another run works there
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "weckd_jax.launch",
-                    "--config",
-                    SMOKE,
-                    f"--workdir={workdir}",
-                    f"--coordinator=127.0.0.1:{port}",
-                    "--num_processes=2",
-                    f"--process_id={i}",
-                ],
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for i in range(2)
-        ]
+        procs = _launch_two_processes(workdir)
         try:
             outs = [p.communicate(timeout=240) for p in procs]
         finally:
