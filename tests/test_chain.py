@@ -1,6 +1,7 @@
 """The chain end to end on the smoke config: files, schema, teachers from disk, no test leakage,
 determinism."""
 
+import copy
 import dataclasses
 import glob
 import io
@@ -323,6 +324,50 @@ def test_resuming_on_the_same_examples_with_other_pixels_warns(smoke_run, tmp_pa
         config, str(tmp_path), dataclasses.replace(original, images=images), splits, writer=True
     )
     assert warning.startswith("warning: the images decode to other pixels")
+
+
+def test_a_multi_seed_experiment_reloads_its_seeds_and_may_gain_one(smoke_run, tmp_path):
+    from weckd_jax import config as config_lib
+
+    base, workdir, single = smoke_run
+    shutil.copytree(workdir, tmp_path / "seed_0")  # seed 0 of the experiment, finished
+    config = copy.deepcopy(base)
+    with config.unlocked():
+        config.seeds = "0"
+    one = chain.run_seeds(config, str(tmp_path), Progress(enabled=False))
+    last = single["links"][-1]["test"]["accuracy"]
+    assert one["seeds"] == [0] and one["links"][-1]["test"]["accuracy"]["values"] == [last]
+    first_summary = (tmp_path / "summary.json").read_text()
+
+    with config.unlocked():
+        config.seeds = "0,1"
+    out = io.StringIO()
+    two = chain.run_seeds(config, str(tmp_path), Progress(stream=out))
+    assert "note: the seeds were [0] and are now [0, 1]: finished seeds are reloaded" in (
+        out.getvalue()
+    )
+    assert out.getvalue().count("finished earlier, results reloaded") == 4  # seed 0 only
+    seed_1 = json.loads((tmp_path / "seed_1" / "results.json").read_text())
+    assert two["seeds"] == [0, 1] and two["n_seeds"] == 2
+    assert two["links"][-1]["test"]["accuracy"]["values"] == [
+        last,
+        seed_1["links"][-1]["test"]["accuracy"],
+    ]
+    assert json.loads((tmp_path / "config.json").read_text())["seeds"] == "0,1"
+    assert json.loads((tmp_path / "summary.json").read_text())["seeds"] == [0, 1]
+
+    # The seeds given before give their summary back, training nothing.
+    with config.unlocked():
+        config.seeds = "0"
+    out = io.StringIO()
+    chain.run_seeds(config, str(tmp_path), Progress(stream=out))
+    assert "epoch" not in out.getvalue()
+    assert (tmp_path / "summary.json").read_text() == first_summary
+    # A single run in the experiment's folder is still refused.
+    with config.unlocked():
+        config.seeds = ""
+    with pytest.raises(config_lib.ConfigError, match="seeds: '0' -> ''"):
+        chain.run(config, str(tmp_path), Progress(enabled=False))
 
 
 def test_a_run_stopped_by_bad_data_leaves_the_workdir_unbound(tmp_path, monkeypatch):

@@ -595,6 +595,9 @@ def check_workdir(config, workdir: str) -> None:
         saved = json.load(f)
     now = config_lib.as_json(config)
     changed = config_lib.differences(saved, now)
+    if saved.get("seeds") and config_lib.seed_list(config):
+        # A multi-seed experiment may gain or drop seeds: each seed_<s>/ is checked on its own.
+        changed = [line for line in changed if not line.startswith("seeds: ")]
     if not changed:
         return
     if newer := config_lib.newer_keys(saved, now):
@@ -846,8 +849,19 @@ def run_seeds(config, workdir: str, progress: Progress) -> dict:
 
 def _run_seeds(config, workdir: str, progress: Progress) -> dict:
     check_workdir(config, workdir)
+    config_path = os.path.join(workdir, "config.json")
+    saved = files.read_json(config_path)
+    seeds = config_lib.seed_list(config)
+    reseeded = saved is not None and config_lib.seed_list(saved) != seeds
+    if reseeded:
+        progress.print(
+            f"note: the seeds were {config_lib.seed_list(saved)} and are now {seeds}: finished "
+            "seeds are reloaded, and summary.json, summary.md and the summary figures are "
+            "written anew over the seeds now given (rerun with the old seeds to get the old "
+            "summary back)"
+        )
     results = {}
-    for seed in config_lib.seed_list(config):
+    for seed in seeds:
         progress.print(f"== seed {seed}")
         seed_config = copy.deepcopy(config)
         with seed_config.unlocked():
@@ -856,8 +870,12 @@ def _run_seeds(config, workdir: str, progress: Progress) -> dict:
         results[seed] = run(seed_config, os.path.join(workdir, f"seed_{seed}"), progress)
         if jax.process_index() == 0:
             # Written once a seed has run, so a config or data error leaves no binding behind;
-            # each seed_<s>/ holds its own config.json and data.json meanwhile.
-            _write_new(os.path.join(workdir, "config.json"), config_lib.as_json(config))
+            # each seed_<s>/ holds its own config.json and data.json meanwhile. With other
+            # seeds it records the seeds the summary is now over.
+            if reseeded:
+                files.write_json(config_path, config_lib.as_json(config))
+            else:
+                _write_new(config_path, config_lib.as_json(config))
     summary = seeds_lib.summarize(results)
     if jax.process_index() == 0:
         files.write_json(os.path.join(workdir, "summary.json"), summary)

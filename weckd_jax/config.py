@@ -213,8 +213,9 @@ def as_json(config) -> dict:
 
 
 def seed_list(config) -> list[int]:
-    """The seeds of a multi-seed run (``seeds = "0,1,2"``), or [] for a single run."""
-    return [int(v) for v in str(config.seeds).split(",") if v.strip()]
+    """The seeds of a multi-seed run (``seeds = "0,1,2"``), or [] for a single run; ``config``
+    is a ConfigDict or its JSON dict (a saved ``config.json``)."""
+    return [int(v) for v in str(config["seeds"]).split(",") if v.strip()]
 
 
 class ConfigError(ValueError):
