@@ -1,8 +1,11 @@
 """Teacher-output caching: computed once per example, it trains exactly as the teacher run in
-every step does, and it is used only where that is exact (no random augmentation)."""
+every step does, and it is used only where that is exact (no random augmentation) and its size
+fits distill.teacher_cache_max_gb."""
 
 import dataclasses
+import io
 import json
+import os
 
 import jax
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 
 from tests.conftest import smoke_config
 from weckd_jax import chain, parallel, train
+from weckd_jax import config as config_lib
 from weckd_jax.data import pipeline
 from weckd_jax.data.synthetic import generate
 from weckd_jax.progress import Progress
@@ -56,6 +60,8 @@ def test_cached_step_matches_teacher_in_the_step(num_teachers, attention):
     assert len(cache["teacher_features"][num_teachers - 1]) == expected_features
     if attention:
         assert cache["teacher_features"][0][0].shape == (48, 32, 32, 1)
+    size = sum(leaf.nbytes for leaf in jax.tree.leaves(cache))
+    assert size == 48 * train.teacher_output_bytes(teachers, step_cfg, SHAPE)
 
     live = train.make_train_step(SPEC, teachers, step_cfg, mesh)
     cached_cfg = dataclasses.replace(step_cfg, cached_teacher=True)
@@ -137,15 +143,28 @@ def test_chain_with_cache_equals_chain_without(tmp_path, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(chain, "teacher_cache", counting)
-    results = {}
-    for mode in ("on", "off"):
+    results, printed = {}, {}
+    # "over": caching as "auto" would, but over distill.teacher_cache_max_gb (~1 KB here).
+    for mode in ("on", "off", "over"):
         config = smoke_config()
         config.train.augment = False
-        config.distill.teacher_cache = mode
+        config.distill.teacher_cache = "auto" if mode == "over" else mode
+        if mode == "over":
+            config.distill.teacher_cache_max_gb = 1e-6
         config.baselines.union_supervised = False
         config.baselines.full_supervised = False
-        results[mode] = chain.run(config, str(tmp_path / mode), Progress(enabled=False))
+        out = io.StringIO()
+        results[mode] = chain.run(config, str(tmp_path / mode), Progress(stream=out))
+        printed[mode] = out.getvalue()
     assert len(calls) == 1  # link 2 of the "on" run; link 1 has no teacher
+    # Over the limit, "auto" says so and runs the teacher in the step: the "off" run, bit for bit.
+    note = [line for line in printed["over"].splitlines() if "teacher cache" in line]
+    assert len(note) == 1 and note[0].startswith("note: link_2's teacher cache would take ")
+    assert "more than distill.teacher_cache_max_gb=1e-06" in note[0]
+    assert "raise distill.teacher_cache_max_gb to cache it" in note[0]
+    assert "teacher cache" not in printed["on"] + printed["off"]
+    for over, off in zip(results["over"]["links"], results["off"]["links"], strict=True):
+        assert over["fingerprint"] == off["fingerprint"]
     on, off = results["on"]["links"], results["off"]["links"]
     assert on[0]["fingerprint"] == off[0]["fingerprint"]  # link 1 is untouched
     for key in ("accuracy", "nll"):
@@ -163,3 +182,85 @@ def test_chain_with_cache_equals_chain_without(tmp_path, monkeypatch):
 def _link_epochs(workdir, name: str) -> list[dict]:
     with open(workdir / "metrics.jsonl") as f:
         return [r for r in map(json.loads, f) if r["run"] == name]
+
+
+def test_teacher_output_bytes_match_a_hand_count():
+    # Per teacher, float32: K logits plus one value per pixel of each of the 4 stage maps.
+    small = (3 + 32 * 32 + 16 * 16 + 8 * 8 + 4 * 4) * 4  # small stem: stages at 32, 16, 8, 4 px
+    with_at = train.StepConfig(augment=False, use_attention=True)
+    assert train.teacher_output_bytes((SPEC,), with_at, SHAPE) == small == 5452
+    assert train.teacher_output_bytes((SPEC, SPEC), with_at, SHAPE) == 2 * small
+    assert train.teacher_output_bytes((SPEC,), train.StepConfig(), SHAPE) == 3 * 4  # logits only
+    # ResNet-18 at 224 px (ImageNet stem: stages at 56, 28, 14, 7 px): 4165 map values.
+    resnet18 = train.ModelSpec(backbone="resnet18", num_classes=5, width=32, stem="imagenet")
+    expected = (5 + 56 * 56 + 28 * 28 + 14 * 14 + 7 * 7) * 4
+    assert train.teacher_output_bytes((resnet18,), with_at, (224, 224, 3)) == expected == 16680
+
+
+def _jobs(config):
+    """The run's jobs, its image shape, and the bytes of link 2's teacher cache per image."""
+    data, splits = chain.load_checked(config)
+    per_image = (data.num_classes + 32 * 32 + 16 * 16 + 8 * 8 + 4 * 4) * 4  # as hand-counted above
+    return chain.plan_jobs(config, splits, data.num_classes), data.images.shape[1:], per_image
+
+
+def _over_limit_config(mode: str):
+    config = smoke_config()
+    config.train.augment = False
+    config.distill.teacher_cache = mode
+    config.distill.teacher_cache_max_gb = 1e-6  # 1 KB: below any link's cache
+    return config
+
+
+def test_the_cache_plan_follows_the_size_limit():
+    config = _over_limit_config("auto")
+    jobs, shape, per_image = _jobs(config)
+    images = len(jobs[1].train_index)
+    assert chain.plan_teacher_caches(config, jobs, shape) == (
+        frozenset(),
+        [
+            f"note: link_2's teacher cache would take {images * per_image / 1000:.3g} KB of host "
+            f"memory ({images} images x {per_image / 1000:.3g} KB), more than "
+            "distill.teacher_cache_max_gb=1e-06: "
+            "its teacher runs inside every step instead (the same training, slower); raise "
+            "distill.teacher_cache_max_gb to cache it"
+        ],
+    )
+    config.distill.teacher_cache_max_gb = images * per_image / 1e9  # exactly the cache's size
+    assert chain.plan_teacher_caches(config, jobs, shape) == (frozenset({"link_2"}), [])
+    config.train.augment = True  # "auto" does not cache at all: no size, no note
+    assert chain.plan_teacher_caches(config, jobs, shape) == (frozenset(), [])
+
+
+def test_forced_caching_over_the_limit_is_refused_before_anything_is_written(tmp_path):
+    config = _over_limit_config("on")
+    jobs, shape, per_image = _jobs(config)
+    images = len(jobs[1].train_index)
+    workdir = tmp_path / "run"
+    with pytest.raises(config_lib.ConfigError) as error:
+        chain.run(config, str(workdir), Progress(enabled=False))
+    message = str(error.value)
+    assert message == (
+        f"link_2's teacher cache would take {images * per_image / 1000:.3g} KB of host memory "
+        f"({images} images x {per_image / 1000:.3g} KB), more than "
+        "distill.teacher_cache_max_gb=1e-06. Raise "
+        "distill.teacher_cache_max_gb to 0.1 or more if this host has the memory (each process "
+        "holds its own cache), or start the run with distill.teacher_cache=auto, which then "
+        "runs the teacher inside every step (the same training, slower)"
+    )
+    assert not workdir.exists() or os.listdir(workdir) == []  # not bound: fix it and rerun
+    # A finished link is not trained again, so its cache is not checked.
+    assert chain.plan_teacher_caches(config, jobs, shape, done=frozenset({"link_2"})) == (
+        frozenset(),
+        [],
+    )
+
+
+def test_a_run_started_before_the_limit_existed_resumes(tmp_path):
+    config = smoke_config()
+    saved = config_lib.as_json(config)
+    del saved["distill"]["teacher_cache_max_gb"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    chain.check_workdir(config, str(tmp_path))  # no error
+    config.distill.teacher_cache_max_gb = 64.0  # and a host with another memory may resume it
+    chain.check_workdir(config, str(tmp_path))

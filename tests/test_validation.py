@@ -38,6 +38,7 @@ def _set(config, key, value):
         ("distill.schedule", "exp", "distill.schedule='exp' is unknown; valid: constant"),
         ("distill.teacher_cache", "yes", "distill.teacher_cache='yes' is unknown; valid: auto"),
         ("distill.teacher_cache", "on", "teacher_cache='on' needs train.augment=False"),
+        ("distill.teacher_cache_max_gb", 0.0, "distill.teacher_cache_max_gb=0.0 must be > 0"),
         ("model.backbone", "vgg16", "model.backbone 'vgg16' is unknown; valid: resnet10"),
         ("model.backbone", "resnet18,resnet10", "names 2 backbones for chain.length=3"),
         ("model.stem", "huge", "model.stem='huge' is unknown"),

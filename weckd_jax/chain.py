@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -141,6 +142,63 @@ def caches_teacher(config) -> bool:
     return mode == "on" or (mode == "auto" and not config.train.augment)
 
 
+def plan_teacher_caches(
+    config, jobs: list[Job], image_shape: tuple[int, int, int], done: frozenset[str] = frozenset()
+) -> tuple[frozenset[str], list[str]]:
+    """The names of the ``jobs`` that cache their teachers' outputs, and a note for each job that
+    `caches_teacher` would cache for but whose cache would take more host memory than
+    ``distill.teacher_cache_max_gb``: under "auto" its teachers run inside the step instead.
+
+    Sizes come from shapes (`train.teacher_output_bytes`): no teacher runs. Jobs named in
+    ``done`` (finished: they will not train) are left out.
+
+    Raises:
+      config_lib.ConfigError: ``distill.teacher_cache`` is "on" and a job's cache would exceed
+        the limit (naming its size, the limit and the fix).
+    """
+    if not caches_teacher(config):
+        return frozenset(), []
+    specs = {job.name: job.spec for job in jobs}
+    step_cfg = step_config(config)
+    limit_gb = config.distill.teacher_cache_max_gb
+    cached, notes = set(), []
+    for job in jobs:
+        if not job.teachers or job.name in done:
+            continue
+        teachers = tuple(specs[name] for name in job.teachers)
+        per_image = train.teacher_output_bytes(teachers, step_cfg, image_shape)
+        size = per_image * len(job.train_index)
+        if size <= limit_gb * 1e9:
+            cached.add(job.name)
+            continue
+        what = (
+            f"{job.name}'s teacher cache would take {_bytes_text(size)} of host memory "
+            f"({len(job.train_index)} images x {_bytes_text(per_image)}), more than "
+            f"distill.teacher_cache_max_gb={limit_gb:g}"
+        )
+        if config.distill.teacher_cache == "on":
+            raise config_lib.ConfigError(
+                f"{what}. Raise distill.teacher_cache_max_gb to {math.ceil(size / 1e8) / 10:g} "
+                "or more if this host has the memory (each process holds its own cache), or "
+                "start the run with distill.teacher_cache=auto, which then runs the teacher "
+                "inside every step (the same training, slower)"
+            )
+        notes.append(
+            f"note: {what}: its teacher runs inside every step instead (the same training, "
+            "slower); raise distill.teacher_cache_max_gb to cache it"
+        )
+    return frozenset(cached), notes
+
+
+def _bytes_text(n: float) -> str:
+    """``n`` bytes in decimal units, three significant digits: "5.45 KB", "1.73 GB"."""
+    for unit in ("B", "KB", "MB"):
+        if n < 999.5:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} GB" if n < 999.5 else f"{n:.0f} GB"
+
+
 def teacher_cache(
     specs: tuple[train.ModelSpec, ...],
     teacher_vars: tuple,
@@ -190,12 +248,15 @@ def train_job(
     progress: Progress,
     timer: Timer,
     metrics_log: MetricsLog,
+    cache_teacher: bool = False,
     on_epoch: Callable[[str, int, dict], None] | None = None,
 ) -> None:
     """Trains ``job`` and saves the epoch with the best validation accuracy as its final checkpoint.
 
     Checkpoints every ``train.checkpoint_every`` steps and at each epoch end; when the job's train
     checkpoints already exist (an interrupted run), it continues from the newest one exactly.
+    With ``cache_teacher`` (see `plan_teacher_caches`), its teachers' outputs are computed once
+    per example before it trains instead of in every step.
     """
     cfg_train = config.train
     base_key = jax.random.fold_in(jax.random.key(config.seed), job.index)
@@ -217,7 +278,7 @@ def train_job(
 
     step_cfg = step_config(config)
     extras = None
-    if teachers and caches_teacher(config):
+    if cache_teacher:
         with timer("train"):
             extras = teacher_cache(
                 teacher_specs,
@@ -724,12 +785,18 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
 
     with timer("data"):
         data, splits = load_checked(config)
+    jobs = plan_jobs(config, splits, data.num_classes)
+    # Before the binding: a cache refused for its size can be corrected with the same workdir.
+    done = frozenset(job.name for job in jobs if _finished(workdir, job.name))
+    cached, cache_notes = plan_teacher_caches(config, jobs, data.images.shape[1:], done)
+    with timer("data"):
         warning = bind_workdir(config, workdir, data, splits, writer)
     if warning:
         progress.print(warning)
     report.print_data_summary(progress, data, splits)
+    for note in cache_notes:
+        progress.print(note)
     mesh = parallel.data_mesh()
-    jobs = plan_jobs(config, splits, data.num_classes)
     if config.baselines.one_step_kd and not runs_one_step_kd(config):
         progress.print(
             "note: no one-step KD baseline with chain.length < 3 (link 2 is link 1 distilled in "
@@ -741,7 +808,7 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
     metrics_log = MetricsLog(workdir, enabled=writer)
     reloaded_all = True
     for job in jobs:
-        record_path = os.path.join(workdir, "jobs", f"{job.name}.json")
+        record_path = _record_path(workdir, job.name)
         if os.path.exists(record_path):
             with open(record_path) as f:
                 records[job.name] = json.load(f)
@@ -759,6 +826,7 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
                 progress=progress,
                 timer=timer,
                 metrics_log=metrics_log,
+                cache_teacher=job.name in cached,
                 on_epoch=on_epoch,
             )
         # The test split is touched once per model, on the weights as saved on disk.
@@ -828,6 +896,17 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
         report_md.write_report(workdir, results)
     report.print_results(progress, results)
     return results
+
+
+def _record_path(workdir: str, name: str) -> str:
+    """``jobs/<name>.json``: the record of a finished job, reloaded by a rerun."""
+    return os.path.join(workdir, "jobs", f"{name}.json")
+
+
+def _finished(workdir: str, name: str) -> bool:
+    """Whether job ``name`` has trained (its record or its final checkpoint is there): a rerun
+    does not train it again."""
+    return os.path.exists(_record_path(workdir, name)) or checkpoints.has_final(workdir, name)
 
 
 def _how_it_ran(workdir: str) -> dict:

@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Teacher outputs computed once per example instead of in every step: "auto" (when
     # train.augment is off, the only case where it is exact) | "on" (requires augment off) | "off"
     c.distill.teacher_cache = "auto"
+    # Host memory (GB = 1e9 bytes, per process) a link's teacher cache may take: over it, "auto"
+    # runs the teacher in the step instead and "on" is refused. A fixed size, not a share of this
+    # machine's memory, so that one config makes the same choice on every host and every rerun.
+    c.distill.teacher_cache_max_gb = 4.0
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 20  # epochs per link and baseline
@@ -420,6 +424,11 @@ def validate(config, workdir: str | None = None) -> None:
         "teacher must see each step's augmented view. Set --config.train.augment=False, or "
         "distill.teacher_cache=auto (caches only when augmentation is off)",
     )
+    need(
+        c.distill.teacher_cache_max_gb > 0,
+        f"distill.teacher_cache_max_gb={c.distill.teacher_cache_max_gb} must be > 0 (GB of host "
+        "memory a link's teacher cache may take; default 4)",
+    )
     need(c.train.epochs >= 1, f"train.epochs={c.train.epochs} must be >= 1")
     need(c.train.batch_size >= 1, f"train.batch_size={c.train.batch_size} must be >= 1")
     need(
@@ -465,7 +474,10 @@ def validate(config, workdir: str | None = None) -> None:
 
 # Keys that change nothing a run computes, so a workdir may be resumed with other values
 # (`tune.*` steers only `python -m weckd_jax.tune`, which checks its own section).
-HARMLESS_KEYS = frozenset({"train.checkpoint_every"})
+# distill.teacher_cache_max_gb picks only where the teacher runs (before the link or in every
+# step, which train the same): a run may be resumed with a limit that fits the host it runs on
+# now, and a run started before the key existed resumes.
+HARMLESS_KEYS = frozenset({"train.checkpoint_every", "distill.teacher_cache_max_gb"})
 HARMLESS_PREFIXES = ("tune.",)
 
 

@@ -9,6 +9,7 @@ baselines of one architecture share a single compiled program.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -194,6 +195,28 @@ def teacher_outputs(
             )
         features_out.append(pooled)
     return {"teacher_logits": tuple(logits_out), "teacher_features": tuple(features_out)}
+
+
+def teacher_output_bytes(
+    teachers: tuple[ModelSpec, ...], config: StepConfig, image_shape: tuple[int, int, int]
+) -> int:
+    """Bytes of `teacher_outputs` per image of ``image_shape`` ``[H, W, C]``: one row of every
+    teacher's logits and, with ``config.use_attention``, of its one-channel stage maps (what a
+    teacher cache holds per example). From shapes alone (`jax.eval_shape`): no teacher runs."""
+    models = tuple(t.build() for t in teachers)
+
+    def outputs(images):
+        variables = tuple(m.init(jax.random.key(0), images, train=False) for m in models)
+        return teacher_outputs(
+            models,
+            variables,
+            images,
+            use_attention=config.use_attention,
+            attention_p=config.attention_p,
+        )
+
+    shapes = jax.eval_shape(outputs, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
+    return sum(math.prod(s.shape[1:]) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
 
 
 def make_teacher_step(
