@@ -174,6 +174,18 @@ def test_timer_counts_a_nested_phase_for_itself_alone(monkeypatch):
     assert timer.as_dict() == {"compile": 2.0, "eval": 8.0}
 
 
+def test_timed_call_counts_the_compiling_call_as_compile_and_later_calls_as_the_phase():
+    fn = jax.jit(lambda x: x * 2)
+    timer = Timer()
+    assert chain._timed_call(timer, "train", fn, np.float32(3)) == 6
+    assert set(timer.as_dict()) == {"compile"} and timer.total("compile") > 0
+    compiled = timer.total("compile")
+    assert chain._timed_call(timer, "train", fn, np.float32(4)) == 8
+    assert timer.total("compile") == compiled and timer.total("train") > 0
+    assert chain._timed_call(timer, None, fn, np.float32(5)) == 10  # untimed: nothing added
+    assert set(timer.as_dict()) == {"compile", "train"} and timer.total("eval") == 0.0
+
+
 def test_padded_map_times_the_compiling_call_as_compile():
     data = generate("otoscopy", num_images=10, image_size=32, seed=0)
     mesh = parallel.data_mesh()

@@ -117,6 +117,19 @@ def probabilities(
     )
 
 
+def _timed_call(timer: Timer | None, phase: str | None, fn: Callable, *args) -> PyTree:
+    """``fn(*args)`` for a jitted ``fn``, its seconds counted as ``phase`` (untimed when None or
+    without a ``timer``). The call that compiles ``fn`` (its first) is waited for and counted as
+    "compile" instead: the one place where compile seconds are measured."""
+    if timer is None:
+        return fn(*args)
+    if fn._cache_size() == 0:
+        with timer("compile"):
+            return jax.block_until_ready(fn(*args))
+    with timer(phase) if phase is not None else contextlib.nullcontext():
+        return fn(*args)
+
+
 def _padded_map(fn, variables, images, index, *, batch_size: int, mesh, timer=None) -> PyTree:
     """``fn(variables, images[index])`` (a pytree of ``[len(index), ...]`` host arrays), run in
     fixed-size padded batches (one compiled program for any number of images), each process
@@ -126,11 +139,7 @@ def _padded_map(fn, variables, images, index, *, batch_size: int, mesh, timer=No
     for batch, valid in pipeline.eval_batches(images, index, batch_size=batch_size):
         local = parallel.process_rows(batch)
         images_in = parallel.global_batch({"image": local}, mesh)["image"]
-        if timer is not None and fn._cache_size() == 0:
-            with timer("compile"):
-                out = jax.block_until_ready(fn(variables, images_in))
-        else:
-            out = fn(variables, images_in)
+        out = _timed_call(timer, None, fn, variables, images_in)
         outputs.append(jax.tree.map(lambda a, v=valid: np.asarray(a)[:v], jax.device_get(out)))
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
 
@@ -334,19 +343,14 @@ def train_job(
 
         eval_kw = {"batch_size": cfg_train.eval_batch_size, "mesh": mesh, "timer": timer}
         progress.start(job.name, cfg_train.epochs)
-        pending, window_start = [], time.perf_counter()
+        # images/s of a window of steps: its wall seconds less those the timer counted as compile
+        pending, window = [], (time.perf_counter(), timer.total("compile"))
         for step in range(start or 0, total_steps):
             with timer("data"):
                 batch = parallel.global_batch(next(batches), mesh)
-            if step_fn._cache_size() == 0:
-                with timer("compile"):
-                    compile_start = time.perf_counter()
-                    state, m = step_fn(state, step_teacher_vars, batch, step_key)
-                    jax.block_until_ready(state)
-                    window_start += time.perf_counter() - compile_start
-            else:
-                with timer("train"):
-                    state, m = step_fn(state, step_teacher_vars, batch, step_key)
+            state, m = _timed_call(
+                timer, "train", step_fn, state, step_teacher_vars, batch, step_key
+            )
             pending.append(m)
             done = step + 1
             epoch_end = done % epoch_steps == 0
@@ -356,7 +360,8 @@ def train_job(
                 fetched = jax.device_get(pending)
             _check_finite(job.name, epoch_steps, done - len(fetched), fetched)
             loop["epoch_metrics"] += [{k: float(v) for k, v in f.items()} for f in fetched]
-            throughput = len(pending) * batch_size / max(time.perf_counter() - window_start, 1e-9)
+            seconds = time.perf_counter() - window[0] - (timer.total("compile") - window[1])
+            throughput = len(pending) * batch_size / max(seconds, 1e-9)
             pending = []
             if epoch_end:
                 epoch = done // epoch_steps
@@ -385,7 +390,7 @@ def train_job(
                 progress.update(record, epoch)
                 if on_epoch is not None:
                     on_epoch(job.name, epoch, record)
-            window_start = time.perf_counter()
+            window = (time.perf_counter(), timer.total("compile"))
         progress.finish()
         with timer("checkpoint"):
             saver.wait()

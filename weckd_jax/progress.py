@@ -28,6 +28,10 @@ class Timer:
             if self._nested:
                 self._nested[-1] += elapsed
 
+    def total(self, phase: str) -> float:
+        """Seconds counted as ``phase`` so far (0.0 before it is first entered)."""
+        return self.seconds.get(phase, 0.0)
+
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in sorted(self.seconds.items())}
 
