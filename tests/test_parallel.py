@@ -2,10 +2,12 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 
@@ -146,6 +148,30 @@ def test_a_busy_workdir_stops_every_process_of_a_multi_process_run(tmp_path):
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 2, err[-3000:]
         assert "is in use by another" in err and "Traceback" not in err
+
+
+def test_ctrl_c_on_a_multi_process_run_is_reported_by_process_0_alone(tmp_path):
+    # Every process of the run gets the Ctrl-C (as from a terminal or srun) and exits with 130;
+    # one line says what is kept, not one line per process.
+    workdir = tmp_path / "w"
+    procs = _launch_two_processes(workdir)
+    try:
+        deadline = time.monotonic() + 240
+        while not (workdir / "config.json").exists():  # both processes have joined the run
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+            time.sleep(0.01)
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        errs = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [130, 130], errs
+    assert errs[0] == (
+        f"interrupted: the finished links and the last in-training checkpoint are kept in "
+        f"{workdir}; rerun the same command to resume\n"
+    )
+    assert errs[1] == ""
 
 
 def _metrics(workdir):

@@ -15,7 +15,7 @@ from absl import flags
 from ml_collections import ConfigDict, config_flags
 
 from weckd_jax import config as config_lib
-from weckd_jax import files
+from weckd_jax import distributed, files
 
 INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as shells report it
 
@@ -47,10 +47,13 @@ def keep_interrupts() -> None:
 
 
 def interrupted(message: str) -> None:
-    """Prints one line for a Ctrl-C (``message``: what is kept, how to resume), exits with 130."""
-    if sys.stdout.isatty():
-        print(file=sys.stdout, flush=True)  # ends a progress line being rewritten in place
-    print(f"interrupted: {message}", file=sys.stderr)
+    """Prints one line for a Ctrl-C (``message``: what is kept, how to resume), exits with 130.
+    In a multi-process run only process 0 prints (every process gets the Ctrl-C); the others
+    exit silently, with the same status."""
+    if distributed.is_process_zero():
+        if sys.stdout.isatty():
+            print(file=sys.stdout, flush=True)  # ends a progress line being rewritten in place
+        print(f"interrupted: {message}", file=sys.stderr)
     sys.exit(INTERRUPTED)
 
 

@@ -47,3 +47,9 @@ def initialize(
         coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
     )
     return True
+
+
+def is_process_zero() -> bool:
+    """Whether this process speaks for the run (prints, writes reports): process 0 of a joined
+    multi-process run, or a process that joined none (no JAX backend is started to find out)."""
+    return not jax.distributed.is_initialized() or jax.process_index() == 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime
 import os
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -69,7 +68,7 @@ def main(argv: list[str]) -> None:
         cli.fail(str(e))
     try:
         config_lib.validate(config, workdir)
-        progress = Progress(enabled=jax.process_index() == 0)
+        progress = Progress(enabled=distributed.is_process_zero())
         progress.print(f"workdir: {workdir}")
         if config_lib.seed_list(config):
             chain.run_seeds(config, workdir, progress)
