@@ -5,12 +5,16 @@ errors, and the TFDS configs."""
 import importlib
 import io
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from tests.conftest import REPO
 from weckd_jax import config as config_lib
 from weckd_jax.data import folder, tfds_data
 from weckd_jax.data.types import DataError
@@ -131,6 +135,43 @@ def test_not_prepared_says_how_to_prepare_and_downloads_nothing(tmp_path):
     assert f"tfds build malaria --data_dir {tmp_path} --file_format array_record" in message
     assert "download_and_prepare()" in message
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+LEAVES_NOTHING = """
+import sys
+import tensorflow_datasets as tfds
+from tests.test_tfds_data import data_config
+from weckd_jax.data import tfds_data
+from weckd_jax.data.types import DataError
+
+prepared, unprepared = sys.argv[1:]
+assert len(tfds_data.load(data_config(name="weckd_test_scans", data_dir=prepared))) == 9
+with tfds.testing.mock_data(num_examples=3):
+    assert len(tfds_data.load(data_config(name="malaria"))) == 3
+try:
+    tfds_data.load(data_config(name="malaria", data_dir=unprepared))
+except DataError as e:
+    assert "not prepared" in str(e), e
+else:
+    raise AssertionError("an unprepared dataset was read")
+"""
+
+
+def test_reading_leaves_nothing_in_the_temporary_directory(prepared, tmp_path):
+    # TFDS makes an empty folder in $TMPDIR for each builder of a registered dataset that is not
+    # prepared (an unprepared one, or any under mock_data), and never removes it.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    out = subprocess.run(
+        [sys.executable, "-c", LEAVES_NOTHING, prepared, str(tmp_path / "unprepared")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "TMPDIR": str(scratch)},
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert os.listdir(scratch) == []
 
 
 @pytest.mark.parametrize(

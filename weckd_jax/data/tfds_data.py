@@ -39,7 +39,10 @@ pixels on).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 
 import numpy as np
 from absl import logging
@@ -73,6 +76,25 @@ def _keys(info, name: str) -> tuple[str, str]:
         f"features (features: {', '.join(features.keys())}). Fix: use an image classification "
         "dataset, or export the images to a folder (data.source='folder')."
     )
+
+
+@contextlib.contextmanager
+def _scratch_tempdir():
+    """Points `tempfile` at a fresh folder (made in the temporary directory, ``$TMPDIR``) for the
+    block and removes it afterwards.
+
+    TFDS makes an empty folder in the temporary directory for every builder of a registered
+    dataset that is not prepared in its ``data_dir`` (``DatasetInfo.initialize_from_bucket``,
+    whose download from GCS is disabled) and never removes it: opening an unprepared dataset, or
+    any dataset under ``tfds.testing.mock_data``, would leave them behind. Process-wide while it
+    lasts: meant for opening a dataset, before other threads make temporary files."""
+    scratch = tempfile.mkdtemp(prefix="weckd-tfds-")
+    saved, tempfile.tempdir = tempfile.tempdir, scratch
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _open(tfds, name: str, split: str, data_dir: str):
@@ -152,7 +174,8 @@ def load(data_config) -> ImageSet:
 
     import tensorflow_datasets as tfds  # deferred: ~0.5 s to import, only this source needs it
 
-    ds, info, image_key, label_key, encoded = _open(tfds, name, split, data_dir)
+    with _scratch_tempdir():
+        ds, info, image_key, label_key, encoded = _open(tfds, name, split, data_dir)
     label_feature = info.features[label_key]
     class_names = tuple(getattr(label_feature, "names", None) or ())
     if len(class_names) < 2:
