@@ -135,13 +135,19 @@ def _padded_map(fn, variables, images, index, *, batch_size: int, mesh, timer=No
     fixed-size padded batches (one compiled program for any number of images), each process
     feeding its rows of every batch; ``fn`` (jitted) returns replicated arrays. With a
     ``timer``, the call that compiles ``fn`` is timed as "compile"."""
-    outputs = []
+    result, start = None, 0
     for batch, valid in pipeline.eval_batches(images, index, batch_size=batch_size):
         local = parallel.process_rows(batch)
         images_in = parallel.global_batch({"image": local}, mesh)["image"]
-        out = _timed_call(timer, None, fn, variables, images_in)
-        outputs.append(jax.tree.map(lambda a, v=valid: np.asarray(a)[:v], jax.device_get(out)))
-    return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+        out = jax.device_get(_timed_call(timer, None, fn, variables, images_in))
+        if result is None:
+            # Filled batch by batch: concatenating at the end would hold every output twice (a
+            # teacher cache can take gigabytes).
+            result = jax.tree.map(lambda a: np.empty((len(index), *a.shape[1:]), a.dtype), out)
+        for rows, part in zip(jax.tree.leaves(result), jax.tree.leaves(out), strict=True):
+            rows[start : start + valid] = part[:valid]
+        start += valid
+    return result
 
 
 def caches_teacher(config) -> bool:
