@@ -322,6 +322,23 @@ def test_a_folder_of_images_or_a_search_is_refused_as_a_workdir(tmp_path):
         chain.check_workdir(config, str(tmp_path))
 
 
+def test_a_multi_seed_run_in_a_search_folder_is_refused(tmp_path):
+    from weckd_jax import config as config_lib
+
+    search = smoke_config()
+    search.tune.space = "distill.alpha:0.2:0.8"
+    (tmp_path / "config.json").write_text(json.dumps(config_lib.as_json(search)))
+    (tmp_path / "study.db").write_bytes(b"")
+    (tmp_path / "trials" / "0").mkdir(parents=True)
+    listing = sorted(tmp_path.rglob("*"))
+    config = smoke_config()
+    with config.unlocked():
+        config.seeds = "0,1"
+    with pytest.raises(config_lib.ConfigError, match="is the folder of a hyper-parameter search"):
+        chain.run_seeds(config, str(tmp_path), Progress(enabled=False))
+    assert sorted(tmp_path.rglob("*")) == listing  # no seed_0/ begun
+
+
 def test_a_finished_run_passes_the_workdir_check(smoke_run):
     # Its figures (PNG) lie in DIR/figures/: a run's own folder is no folder of images.
     config, workdir, _ = smoke_run

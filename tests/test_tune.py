@@ -1,8 +1,10 @@
 """The hyper-parameter search: resumable, scored on validation only (the test split is never
 evaluated during it), pruned by MedianPruner, and its best config reproduces its best trial."""
 
+import copy
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +19,7 @@ from tests.conftest import REPO, run_python, signal_when, smoke_config
 from weckd_jax import chain, tune
 from weckd_jax import config as config_lib
 from weckd_jax import data as data_lib
+from weckd_jax import seeds as seeds_lib
 from weckd_jax.progress import Progress
 
 SMOKE = os.path.join(REPO, "configs", "smoke.py")
@@ -367,6 +370,48 @@ def test_a_search_in_a_run_stopped_in_its_first_link_is_refused(tmp_path):
     with pytest.raises(config_lib.ConfigError, match=r"holds a run of launch \(its checkpoints/"):
         tune.run(search_config(), str(tmp_path), 1, evaluate_best=False, say=print)
     assert os.listdir(tmp_path) == ["checkpoints"]
+
+
+def _multi_seed_experiment(smoke_run, workdir, stage):
+    """Fills ``workdir`` as launch with ``seeds="0,1"`` leaves it at ``stage``, seed 0 being the
+    smoke run: ``"seed_0 running"`` (in its first link, nothing of the experiment's own yet),
+    ``"seed_0 finished"`` (the experiment's config.json written, seed_1 begun) or ``"summary
+    written"`` (both seeds finished)."""
+    config, run, results = smoke_run
+    seed_0 = workdir / "seed_0"
+    if stage == "seed_0 running":
+        (seed_0 / "checkpoints" / "link_1" / "train").mkdir(parents=True)
+        for name in ("config.json", "data.json"):
+            shutil.copy(os.path.join(run, name), seed_0)
+        return
+    shutil.copytree(run, seed_0)
+    experiment = copy.deepcopy(config)
+    with experiment.unlocked():
+        experiment.seeds = "0,1"
+    (workdir / "config.json").write_text(json.dumps(config_lib.as_json(experiment)))
+    if stage == "seed_0 finished":
+        (workdir / "seed_1").mkdir()  # its lock taken, nothing written yet
+        return
+    shutil.copytree(run, workdir / "seed_1")
+    summary = seeds_lib.summarize({0: results, 1: results})
+    (workdir / "summary.json").write_text(json.dumps(summary))
+    (workdir / "summary.md").write_text("")
+    (workdir / "figures").mkdir()
+    (workdir / "figures" / "chain_accuracy.png").write_bytes(b"")
+
+
+@pytest.mark.parametrize("stage", ["seed_0 running", "seed_0 finished", "summary written"])
+def test_a_search_in_a_multi_seed_run_folder_is_refused(smoke_run, tmp_path, stage):
+    _multi_seed_experiment(smoke_run, tmp_path, stage)
+    listing = sorted(tmp_path.rglob("*"))
+    with pytest.raises(config_lib.ConfigError) as e:
+        tune.run(search_config(), str(tmp_path), 1, evaluate_best=False, say=print)
+    assert str(e.value) == (
+        f"{tmp_path} holds a multi-seed run of launch (its seed_0/ folder, one run per seed), not "
+        "a search: a search there would mix its files with the run's. Use a new --workdir for "
+        "the search."
+    )
+    assert sorted(tmp_path.rglob("*")) == listing
 
 
 def test_a_search_in_a_folder_of_images_is_refused(tmp_path):

@@ -33,6 +33,7 @@ from weckd_jax.data.splits import digest as splits_digest
 from weckd_jax.data.types import DataError, ImageSet
 from weckd_jax.metrics_log import MetricsLog
 from weckd_jax.progress import Progress, Timer
+from weckd_jax.workdirs import seed_dir
 
 PyTree = Any
 
@@ -957,7 +958,7 @@ def _run_seeds(config, workdir: str, progress: Progress) -> dict:
         with seed_config.unlocked():
             seed_config.seed = seed
             seed_config.seeds = ""
-        results[seed] = run(seed_config, os.path.join(workdir, f"seed_{seed}"), progress)
+        results[seed] = run(seed_config, seed_dir(workdir, seed), progress)
         if jax.process_index() == 0:
             # Written once a seed has run, so a config or data error leaves no binding behind;
             # each seed_<s>/ holds its own config.json and data.json meanwhile. With other

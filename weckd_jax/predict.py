@@ -38,13 +38,12 @@ import io
 import json
 import math
 import os
-import re
 import sys
 
 import jax
 import numpy as np
 
-from weckd_jax import chain, checkpoints, files, ops, parallel, tune
+from weckd_jax import chain, checkpoints, files, ops, parallel, tune, workdirs
 from weckd_jax.data import folder
 from weckd_jax.data.folder import IMAGE_EXTENSIONS
 from weckd_jax.data.types import DataError
@@ -97,11 +96,7 @@ def load_results(workdir: str) -> dict:
     if not os.path.isdir(workdir):
         raise PredictError(f"workdir {workdir} does not exist")
     if not os.path.isfile(path):
-        seeds = sorted(
-            (n for n in os.listdir(workdir) if re.fullmatch(r"seed_\d+", n)),
-            key=lambda n: int(n[len("seed_") :]),
-        )
-        if seeds:
+        if seeds := workdirs.seed_names(workdir):
             raise PredictError(
                 f"{workdir} holds a multi-seed experiment ({', '.join(seeds)}), one run per seed: "
                 f"point --workdir at one of them, e.g. --workdir {os.path.join(workdir, seeds[0])}"

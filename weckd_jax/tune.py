@@ -44,7 +44,7 @@ import warnings
 # `chain` (orbax, grain, matplotlib) and `optuna` are imported where used: `config.validate`
 # imports this module, and a mistake on the command line is reported before they load.
 from weckd_jax import config as config_lib
-from weckd_jax import files, ops, parallel
+from weckd_jax import files, ops, parallel, workdirs
 from weckd_jax.progress import Progress
 
 ConfigError = config_lib.ConfigError
@@ -256,18 +256,15 @@ def study_name(config) -> str:
 
 def check_study_dir(config, workdir: str) -> None:
     """Refuses to continue a search in ``workdir`` with another config or search space, and to
-    start one in the folder of a launch run (finished, or stopped in its first link) or in a
-    folder of images."""
+    start one in the folder of a launch run (`workdirs.launch_run_sign`: finished, stopped in its
+    first link, or a multi-seed experiment at any stage) or in a folder of images."""
     from weckd_jax.data.folder import image_folder_sign  # loads PIL: here, as `chain` is
 
-    run_sign = next(
-        (name for name in ("jobs", "checkpoints") if os.path.isdir(os.path.join(workdir, name))),
-        None,
-    )
+    run_sign = workdirs.launch_run_sign(workdir)
     if run_sign and not os.path.exists(os.path.join(workdir, "study.db")):
         raise ConfigError(
-            f"{workdir} holds a run of launch (its {run_sign}/ folder), not a search: a search "
-            "there would mix its files with the run's. Use a new --workdir for the search."
+            f"{workdir} holds {run_sign}, not a search: a search there would mix its files with "
+            "the run's. Use a new --workdir for the search."
         )
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path) and (images := image_folder_sign(workdir)):
