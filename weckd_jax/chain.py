@@ -33,7 +33,7 @@ from weckd_jax.data.splits import digest as splits_digest
 from weckd_jax.data.types import DataError, ImageSet
 from weckd_jax.metrics_log import MetricsLog
 from weckd_jax.progress import Progress, Timer
-from weckd_jax.workdirs import seed_dir
+from weckd_jax.workdirs import STUDY_FILE, seed_dir, study_path
 
 PyTree = Any
 
@@ -649,9 +649,9 @@ def check_workdir(config, workdir: str) -> None:
     """Refuses a workdir that holds a run with another config (``config.json``): resuming it
     would mix two experiments; and one that is no run's folder: a search's (``study.db``) or a
     folder of images. Cheap: called before any data is loaded."""
-    if os.path.exists(os.path.join(workdir, "study.db")):
+    if os.path.exists(study_path(workdir)):
         raise config_lib.ConfigError(
-            f"{workdir} is the folder of a hyper-parameter search (it holds study.db); a run "
+            f"{workdir} is the folder of a hyper-parameter search (it holds {STUDY_FILE}); a run "
             "there would mix its files with the search's. The search's best config trained "
             f"once more is in {os.path.join(workdir, 'best')}; choose a new --workdir for a run"
         )

@@ -101,7 +101,7 @@ def load_results(workdir: str) -> dict:
                 f"{workdir} holds a multi-seed experiment ({', '.join(seeds)}), one run per seed: "
                 f"point --workdir at one of them, e.g. --workdir {os.path.join(workdir, seeds[0])}"
             )
-        if os.path.isfile(os.path.join(workdir, "study.db")):
+        if os.path.isfile(workdirs.study_path(workdir)):
             # Not its "workdir": that path is relative to the folder the search was started in.
             best = files.read_json(os.path.join(workdir, "best_results.json")) or {}
             fix = (

@@ -260,8 +260,9 @@ def check_study_dir(config, workdir: str) -> None:
     first link, or a multi-seed experiment at any stage) or in a folder of images."""
     from weckd_jax.data.folder import image_folder_sign  # loads PIL: here, as `chain` is
 
+    study_file = workdirs.study_path(workdir)
     run_sign = workdirs.launch_run_sign(workdir)
-    if run_sign and not os.path.exists(os.path.join(workdir, "study.db")):
+    if run_sign and not os.path.exists(study_file):
         raise ConfigError(
             f"{workdir} holds {run_sign}, not a search: a search there would mix its files with "
             "the run's. Use a new --workdir for the search."
@@ -292,10 +293,10 @@ def check_study_dir(config, workdir: str) -> None:
                 + f"\nUse a new --workdir for the new search, or rerun with the saved config "
                 f"({path})."
             )
-    elif os.path.exists(os.path.join(workdir, "study.db")):
+    elif os.path.exists(study_file):
         raise ConfigError(
-            f"{workdir}/study.db exists but {path} does not: the study's config is unknown. "
-            "Use a new --workdir."
+            f"{study_file} exists but {path} does not: the study's config is unknown. Use a new "
+            "--workdir."
         )
 
 
@@ -303,7 +304,8 @@ def open_study(config, workdir: str):
     """The study of ``config`` in ``DIR/study.db`` (created, or loaded to be continued)."""
     import optuna
 
-    url = f"sqlite:///{os.path.abspath(os.path.join(workdir, 'study.db'))}"
+    study_file = workdirs.study_path(workdir)
+    url = f"sqlite:///{os.path.abspath(study_file)}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = optuna.storages.RDBStorage(
@@ -316,8 +318,8 @@ def open_study(config, workdir: str):
     others = [n for n in optuna.get_all_study_names(storage) if n != name]
     if others:
         raise ConfigError(
-            f"{workdir}/study.db holds another study ({', '.join(others)}), made with another "
-            "config; use a new --workdir"
+            f"{study_file} holds another study ({', '.join(others)}), made with another config; "
+            "use a new --workdir"
         )
     t = config.tune
     pruner = (
@@ -588,7 +590,7 @@ def run(
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = open_study(config, workdir)
     objective = make_objective(config, dims, workdir, say)
-    say(f"study {study.study_name!r} in {os.path.join(workdir, 'study.db')}")
+    say(f"study {study.study_name!r} in {workdirs.study_path(workdir)}")
 
     ran = 0
     while True:
@@ -698,7 +700,9 @@ def main_cli() -> None:
     from weckd_jax.data.splits import SplitError
 
     config_flag = cli.define_config_file(config_lib.__file__)
-    workdir_flag = flags.DEFINE_string("workdir", None, "Folder of the study (study.db, trials/).")
+    workdir_flag = flags.DEFINE_string(
+        "workdir", None, f"Folder of the study ({workdirs.STUDY_FILE}, trials/)."
+    )
     trials_flag = flags.DEFINE_integer(
         "trials", None, "Total number of finished trials the study should hold."
     )
@@ -712,7 +716,7 @@ def main_cli() -> None:
         if len(argv) > 1:
             cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
         if not workdir_flag.value:
-            cli.fail("--workdir DIR is required: the study lives in DIR/study.db")
+            cli.fail(f"--workdir DIR is required: the study lives in DIR/{workdirs.STUDY_FILE}")
         if trials_flag.value is None:
             cli.fail("--trials N is required: the total number of trials the study should hold")
         if problem := cli.workdir_problem(workdir_flag.value):
@@ -736,7 +740,7 @@ def main_cli() -> None:
             cli.fail(str(e))
         except KeyboardInterrupt:
             cli.interrupted(
-                f"the finished trials are kept in {os.path.join(workdir_flag.value, 'study.db')} "
+                f"the finished trials are kept in {workdirs.study_path(workdir_flag.value)} "
                 "(the interrupted one is not counted), and so are the finished links and the last "
                 "in-training checkpoint of the best config's run; rerun the same command to resume"
             )

@@ -1,7 +1,7 @@
 """The folders ``launch`` and ``tune`` write, told apart by their names in one place.
 
 ``launch`` writes a run (``jobs/``, ``checkpoints/``, ...) or, with several seeds, one run per
-seed in ``seed_<s>/``; ``tune`` writes a search (``study.db``, ``trials/``, ...). Each tool
+seed in ``seed_<s>/``; ``tune`` writes a search (`STUDY_FILE`, ``trials/``, ...). Each tool
 refuses the other's folder as its ``--workdir``, since their files would mix. Standard library
 only: the tools check a folder before they load anything heavy, and ``predict`` names these
 folders in its messages.
@@ -12,7 +12,13 @@ from __future__ import annotations
 import os
 import re
 
+STUDY_FILE = "study.db"  # a search's Optuna study (SQLite): the mark of a search's folder
 _SEED_NAME = re.compile(r"seed_(\d+)")
+
+
+def study_path(workdir: str) -> str:
+    """The study file of the search in ``workdir`` (whether or not it exists)."""
+    return os.path.join(workdir, STUDY_FILE)
 
 
 def seed_dir(workdir: str, seed: int) -> str:
