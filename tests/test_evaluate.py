@@ -171,3 +171,33 @@ def test_a_checkpoint_that_is_not_the_reported_model_is_refused(smoke_run, tmp_p
     with pytest.raises(checkpoints.CheckpointError, match="holds other weights than the union"):
         evaluate.evaluate_workdir(str(copy), config, split="test", name="swapped")
     assert not (copy / "evaluations" / "swapped-test.json").exists()
+
+
+def test_the_run_is_checked_before_the_data_is_loaded(smoke_run, tmp_path, monkeypatch):
+    # Loading another hospital's images can take long: what the workdir alone refuses (a model
+    # that is not the reported one, an evaluation of another config under the same name) is
+    # refused before any image is read.
+    config, workdir, _ = smoke_run
+    copy = tmp_path / "run"
+    # Without the evaluations other tests write in the smoke run.
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("evaluations"))
+    final = copy / "checkpoints" / "union_supervised" / "final"
+    shutil.rmtree(final)
+    shutil.copytree(copy / "checkpoints" / "link_1" / "final", final)
+
+    def load(*args, **kwargs):
+        raise AssertionError("the data was loaded before the run's checks")
+
+    monkeypatch.setattr(evaluate.data_lib, "load", load)
+    with pytest.raises(checkpoints.CheckpointError, match="holds other weights than the union"):
+        evaluate.evaluate_workdir(str(copy), config, split="all", name="hospital")
+    # An evaluation written with another config: its config is compared before the data's turn.
+    with open(copy / "config.json") as f:
+        other = json.load(f)
+    other["data"]["difficulty"] = 0.5
+    (copy / "evaluations").mkdir()
+    saved = json.dumps({"config": other})
+    (copy / "evaluations" / "hospital-all.json").write_text(saved)
+    with pytest.raises(evaluate.EvaluateError, match="data.difficulty: 0.5 -> 1.0.*--name"):
+        evaluate.evaluate_workdir(str(copy), config, split="all", name="hospital")
+    assert (copy / "evaluations" / "hospital-all.json").read_text() == saved

@@ -416,7 +416,9 @@ def test_evaluate_val_and_all_splits(smoke_run):
 def test_evaluate_refuses_other_classes_and_unknown_flags(smoke_run, capsys):
     _, workdir, _ = smoke_run
     base = ["evaluate", "--workdir", workdir, "--config", SMOKE]
-    assert evaluate.main(base + ["--config.data.modality=microscopy"]) == 2
+    # Its own --name: an existing smoke-test.json of another config is refused before the data
+    # is read, so before its classes are.
+    assert evaluate.main(base + ["--config.data.modality=microscopy", "--name=microscopy"]) == 2
     err = capsys.readouterr().err
     assert "classes the models were not trained on" in err and "Trained classes: normal" in err
     assert evaluate.main(base + ["--split", "holdout"]) == 2

@@ -18,7 +18,8 @@ with one `weckd_jax.metrics.classification_metrics` dict per model under ``metri
 a table next to each model's test accuracy in the run. An existing file written with another
 config is never replaced (exit status 2: pass another ``--name``). The config's ``model`` and
 ``chain`` keys are replaced by the run's: the models come from its checkpoints, each checked to
-hold the weights ``results.json`` reports (their ``fingerprint``). When the data is
+hold the weights ``results.json`` reports (their ``fingerprint``); these checks, and that of an
+existing output file's config, come before the data is loaded. When the data is
 the run's own (see `chain.data_record`), the output counts the evaluated images the run trained
 on or selected epochs on, and a note warns that such metrics are optimistic.
 """
@@ -154,14 +155,15 @@ def _overlap(
     }, None
 
 
-def _refuse_overwrite(path: str, config_json: dict, examples: str) -> None:
+def _refuse_overwrite(path: str, config_json: dict, examples: str | None = None) -> None:
     """Refuses to replace an evaluation made with another config (e.g. another hospital's data
-    under the same config file name) or on other examples (the folder changed since)."""
+    under the same config file name) or on other examples (the folder changed since); with
+    ``examples=None`` (the data not loaded yet) only the config is compared."""
     existing = files.read_json(path)
     if existing is None:
         return
     changed = config_lib.differences(existing.get("config", {}), config_json)
-    if existing.get("data", {}).get("examples", examples) != examples:
+    if examples is not None and existing.get("data", {}).get("examples", examples) != examples:
         changed.append("the images, labels or groups of the data")
     if changed:
         raise EvaluateError(
@@ -227,6 +229,15 @@ def evaluate_workdir(
     if changed:
         say(f"note: the models were trained at {size}x{size}x{channels}; set {'; '.join(changed)}")
     config_lib.validate(config)
+    path = os.path.join(workdir, "evaluations", f"{name}-{split}.json")
+    config_json = config_lib.as_json(config)
+    # Everything the workdir alone can refuse is checked before the (possibly long) data load.
+    _refuse_overwrite(path, config_json)
+    mesh = parallel.data_mesh()
+    restored = [
+        (model_name, record, *chain.restore_recorded(workdir, record, mesh, (size, size, channels)))
+        for model_name, record in models
+    ]
 
     data = data_lib.load(config.data, seed=config.seed)
     if data.images.shape[1:] != (size, size, channels):
@@ -240,8 +251,7 @@ def evaluate_workdir(
     index, split_by = select(config, data, split)
     if len(index) == 0:
         raise EvaluateError(f"the {split} split of {name} is empty")
-    path = os.path.join(workdir, "evaluations", f"{name}-{split}.json")
-    config_json, digests = config_lib.as_json(config), chain.data_record(data)
+    digests = chain.data_record(data)
     _refuse_overwrite(path, config_json, digests["examples"])
     overlap, overlap_note = _overlap(workdir, run_config, config_json, data, index, digests)
     # The new data in the trained class order: probabilities column k = trained class k.
@@ -268,11 +278,9 @@ def evaluate_workdir(
     for note in notes:
         say(f"note: {note}")
 
-    mesh = parallel.data_mesh()
     batch_size = config.train.eval_batch_size
     out_models = {}
-    for model_name, record in models:
-        spec, variables = chain.restore_recorded(workdir, record, mesh, (size, size, channels))
+    for model_name, record, spec, variables in restored:
         _, m = chain.evaluate(spec, variables, data, index, batch_size=batch_size, mesh=mesh)
         out_models[model_name] = {
             **({"link": record["link"]} if "link" in record else {}),
