@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO
-from weckd_jax import chain, evaluate, parallel, predict
+from weckd_jax import chain, checkpoints, evaluate, parallel, predict
 from weckd_jax import data as data_lib
 
 SMOKE = os.path.join(REPO, "configs", "smoke.py")
@@ -278,6 +278,29 @@ def test_a_checkpoint_that_is_not_the_reported_model_is_refused(
         f"that {os.path.join(fake, 'results.json')} reports (fingerprint {found[:12]}, "
         f"reported {reported[:12]}): it was replaced or altered after the run finished."
     )
+
+
+def test_a_missing_checkpoint_is_reported_alike_by_predict_and_evaluate(
+    smoke_run, images, tmp_path, capsys
+):
+    # The copy holds link_2's checkpoint only: link_1's is missing for both tools.
+    _, workdir, results = smoke_run
+    _, paths, _ = images
+    fake = _copy_run(workdir, results, tmp_path / "run")
+    final = os.path.join(fake, "checkpoints", "link_1", "final")
+    message = (
+        f"{fake} has no final checkpoint for link_1 ({final}): were the checkpoints moved or "
+        "deleted?"
+    )
+    size, channels = results["data"]["image_size"], results["data"]["channels"]
+    shape = (size, size, channels)
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        chain.restore_recorded(fake, results["links"][0], parallel.data_mesh(), shape)
+    assert str(e.value) == message
+    code, out, err = _run(["--workdir", fake, "--images", paths[0], "--link", "1"], capsys)
+    assert (code, out, err) == (2, "", f"error: {message} Or pick another --link.\n")
+    assert evaluate.main(["evaluate", "--workdir", fake, "--config", SMOKE]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_multi_seed_workdir_names_its_seed_runs(images, tmp_path, capsys):

@@ -497,13 +497,21 @@ def restore_recorded(
     workdir: str, record: dict, mesh: jax.sharding.Mesh, image_shape: tuple[int, ...]
 ) -> tuple[train.ModelSpec, dict[str, PyTree]]:
     """`restore_finished` for the model a ``results.json`` entry (``record``) reports, checked to
-    be that model: its weights must have the record's ``fingerprint`` (when it has one).
+    be that model: its final checkpoint must exist and its weights must have the record's
+    ``fingerprint`` (when it has one). The one check of a finished run's models, for every tool
+    that reads them (`weckd_jax.predict`, `weckd_jax.evaluate`).
 
     Raises:
-      checkpoints.CheckpointError: the checkpoint cannot be read, or holds other weights (copied
-        from another run, or altered since), whose outputs would pass for the reported model's.
+      checkpoints.CheckpointError: the checkpoint is missing, cannot be read, or holds other
+        weights (copied from another run, or altered since), whose outputs would pass for the
+        reported model's.
     """
     name = record["name"]
+    if not checkpoints.has_final(workdir, name):
+        raise checkpoints.CheckpointError(
+            f"{workdir} has no final checkpoint for {name} "
+            f"({checkpoints.final_dir(workdir, name)}): were the checkpoints moved or deleted?"
+        )
     spec, variables = restore_finished(workdir, name, mesh, image_shape)
     expected, found = record.get("fingerprint"), checkpoints.fingerprint(variables)
     if expected is not None and found != expected:

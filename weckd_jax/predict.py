@@ -135,8 +135,7 @@ def load_results(workdir: str) -> dict:
 
 
 def link_record(workdir: str, results: dict, link: int | None) -> dict:
-    """The ``results.json`` entry of link ``link`` (default: the last); checks that it has a
-    final checkpoint."""
+    """The ``results.json`` entry of link ``link`` (default: the last)."""
 
     numbers = [int(r["link"]) for r in results["links"]]
     if not numbers:
@@ -148,14 +147,7 @@ def link_record(workdir: str, results: dict, link: int | None) -> dict:
             f"--link {link} does not exist: the run in {workdir} has links "
             f"{', '.join(str(n) for n in numbers)}"
         )
-    record = next(r for r in results["links"] if int(r["link"]) == link)
-    name = record["name"]
-    if not checkpoints.has_final(workdir, name):
-        raise PredictError(
-            f"{workdir} has no final checkpoint for {name} "
-            f"({checkpoints.final_dir(workdir, name)}): were the checkpoints moved or deleted?"
-        )
-    return record
+    return next(r for r in results["links"] if int(r["link"]) == link)
 
 
 def find_images(path: str) -> list[str]:
@@ -194,8 +186,8 @@ def _reason(path: str, error: Exception) -> str:
 def _restore(
     workdir: str, record: dict, mesh, image_shape: tuple[int, ...], class_names: list[str]
 ):
-    """`chain.restore_recorded`, with a damaged checkpoint, one that is not the reported model,
-    or one of a run with other classes, as a `PredictError`."""
+    """`chain.restore_recorded`, with a missing or damaged checkpoint, one that is not the
+    reported model, or one of a run with other classes, as a `PredictError`."""
 
     final = checkpoints.final_dir(workdir, record["name"])
     try:
