@@ -339,6 +339,27 @@ def test_a_multi_seed_run_in_a_search_folder_is_refused(tmp_path):
     assert sorted(tmp_path.rglob("*")) == listing  # no seed_0/ begun
 
 
+def test_a_single_run_in_a_multi_seed_experiment_folder_is_refused(tmp_path):
+    from weckd_jax import config as config_lib
+
+    # A multi-seed experiment stopped in its first seed: the experiment's own config.json comes
+    # only once that seed has finished, so seed_0/ is all that marks the folder.
+    (tmp_path / "seed_0" / "checkpoints" / "link_1" / "train").mkdir(parents=True)
+    listing = sorted(tmp_path.rglob("*"))
+    config = smoke_config()
+    with pytest.raises(config_lib.ConfigError) as error:
+        chain.run(config, str(tmp_path), Progress(enabled=False))
+    assert str(error.value) == (
+        f"{tmp_path} holds a multi-seed run of launch (its seed_0/ folder, one run per seed); a "
+        "single run there would mix its files with the experiment's. Continue the experiment "
+        "with its own --config.seeds, or choose a new --workdir for the single run"
+    )
+    assert sorted(tmp_path.rglob("*")) == listing
+    with config.unlocked():
+        config.seeds = "0,1"
+    chain.check_workdir(config, str(tmp_path))  # the experiment itself continues there
+
+
 def test_a_finished_run_passes_the_workdir_check(smoke_run):
     # Its figures (PNG) lie in DIR/figures/: a run's own folder is no folder of images.
     config, workdir, _ = smoke_run

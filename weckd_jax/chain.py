@@ -33,7 +33,7 @@ from weckd_jax.data.splits import digest as splits_digest
 from weckd_jax.data.types import DataError, ImageSet
 from weckd_jax.metrics_log import MetricsLog
 from weckd_jax.progress import Progress, Timer
-from weckd_jax.workdirs import STUDY_FILE, seed_dir, study_path
+from weckd_jax.workdirs import STUDY_FILE, launch_run_sign, seed_dir, seed_names, study_path
 
 PyTree = Any
 
@@ -655,8 +655,9 @@ def _write_new(path: str, value) -> None:
 
 def check_workdir(config, workdir: str) -> None:
     """Refuses a workdir that holds a run with another config (``config.json``): resuming it
-    would mix two experiments; and one that is no run's folder: a search's (``study.db``) or a
-    folder of images. Cheap: called before any data is loaded."""
+    would mix two experiments; one that is no run's folder: a search's (``study.db``) or a
+    folder of images; and, for a single run, a multi-seed experiment's folder. Cheap: called
+    before any data is loaded."""
     if os.path.exists(study_path(workdir)):
         raise config_lib.ConfigError(
             f"{workdir} is the folder of a hyper-parameter search (it holds {STUDY_FILE}); a run "
@@ -665,6 +666,13 @@ def check_workdir(config, workdir: str) -> None:
         )
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
+        # An experiment writes its own config.json only once its first seed has finished.
+        if not config_lib.seed_list(config) and seed_names(workdir):
+            raise config_lib.ConfigError(
+                f"{workdir} holds {launch_run_sign(workdir)}; a single run there would mix its "
+                "files with the experiment's. Continue the experiment with its own "
+                "--config.seeds, or choose a new --workdir for the single run"
+            )
         if images := image_folder_sign(workdir):
             raise config_lib.ConfigError(
                 f"{workdir} holds images ({images}), not a run: checkpoints and results "
