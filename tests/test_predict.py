@@ -289,8 +289,9 @@ def test_a_missing_checkpoint_is_reported_alike_by_predict_and_evaluate(
     fake = _copy_run(workdir, results, tmp_path / "run")
     final = os.path.join(fake, "checkpoints", "link_1", "final")
     message = (
-        f"{fake} has no final checkpoint for link_1 ({final}): were the checkpoints moved or "
-        "deleted?"
+        f"{fake} has no final checkpoint for link_1 ({final}), which its results.json reports: "
+        "the checkpoints were moved or deleted. Fix: put the run's own checkpoints/link_1 back, "
+        "or point --workdir at the run folder that holds them."
     )
     size, channels = results["data"]["image_size"], results["data"]["channels"]
     shape = (size, size, channels)

@@ -510,7 +510,9 @@ def restore_recorded(
     if not checkpoints.has_final(workdir, name):
         raise checkpoints.CheckpointError(
             f"{workdir} has no final checkpoint for {name} "
-            f"({checkpoints.final_dir(workdir, name)}): were the checkpoints moved or deleted?"
+            f"({checkpoints.final_dir(workdir, name)}), which its results.json reports: the "
+            f"checkpoints were moved or deleted. Fix: put the run's own checkpoints/{name} back, "
+            "or point --workdir at the run folder that holds them."
         )
     spec, variables = restore_finished(workdir, name, mesh, image_shape)
     expected, found = record.get("fingerprint"), checkpoints.fingerprint(variables)
