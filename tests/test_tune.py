@@ -414,6 +414,18 @@ def test_a_search_in_a_multi_seed_run_folder_is_refused(smoke_run, tmp_path, sta
     assert sorted(tmp_path.rglob("*")) == listing
 
 
+def test_a_forced_teacher_cache_over_its_limit_is_refused_before_the_study_is_bound(tmp_path):
+    config = search_config()
+    config.train.augment = False
+    config.distill.teacher_cache = "on"
+    config.distill.teacher_cache_max_gb = 1e-6  # 1 KB: below link 2's cache
+    workdir = tmp_path / "search"
+    with pytest.raises(config_lib.ConfigError, match="^link_2's teacher cache would take "):
+        tune.run(config, str(workdir), 1, evaluate_best=False, say=print)
+    # Nothing bound: the config can be corrected (e.g. to teacher_cache=auto) in this folder.
+    assert not workdir.exists() or os.listdir(workdir) == []
+
+
 def test_a_search_in_a_folder_of_images_is_refused(tmp_path):
     images = tmp_path / "images"
     (images / "normal").mkdir(parents=True)

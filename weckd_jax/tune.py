@@ -583,6 +583,10 @@ def run(
     # The study is bound to its config and its data (config.json, data.json) once the data has
     # passed its checks, as a run is: every trial then trains on the same examples.
     data, splits = chain.load_checked(config)
+    # A forced teacher cache over distill.teacher_cache_max_gb is refused before the binding,
+    # as a run refuses it: the study's config could otherwise not be corrected in this folder.
+    jobs = chain.plan_jobs(config, splits, data.num_classes)
+    chain.plan_teacher_caches(config, jobs, data.images.shape[1:])
     warning = chain.bind_workdir(config, workdir, data, splits, writer=True)
     if warning:
         say(warning)
