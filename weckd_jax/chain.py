@@ -121,7 +121,7 @@ def probabilities(
 def _timed_call(timer: Timer | None, phase: str | None, fn: Callable, *args) -> PyTree:
     """``fn(*args)`` for a jitted ``fn``, its seconds counted as ``phase`` (untimed when None or
     without a ``timer``). The call that compiles ``fn`` (its first) is waited for and counted as
-    "compile" instead: the one place where compile seconds are measured."""
+    "compile" instead: every step, evaluation and teacher-cache program is timed here."""
     if timer is None:
         return fn(*args)
     if fn._cache_size() == 0:
@@ -134,8 +134,9 @@ def _timed_call(timer: Timer | None, phase: str | None, fn: Callable, *args) -> 
 def _padded_map(fn, variables, images, index, *, batch_size: int, mesh, timer=None) -> PyTree:
     """``fn(variables, images[index])`` (a pytree of ``[len(index), ...]`` host arrays), run in
     fixed-size padded batches (one compiled program for any number of images), each process
-    feeding its rows of every batch; ``fn`` (jitted) returns replicated arrays. With a
-    ``timer``, the call that compiles ``fn`` is timed as "compile"."""
+    feeding its rows of every batch; ``fn`` (jitted) returns replicated arrays. ``index`` is not
+    empty (the output shapes come from the first batch). With a ``timer``, the call that compiles
+    ``fn`` is timed as "compile"."""
     result, start = None, 0
     for batch, valid in pipeline.eval_batches(images, index, batch_size=batch_size):
         local = parallel.process_rows(batch)
@@ -815,11 +816,10 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
 
     with timer("data"):
         data, splits = load_checked(config)
-    jobs = plan_jobs(config, splits, data.num_classes)
-    # Before the binding: a cache refused for its size can be corrected with the same workdir.
-    done = frozenset(job.name for job in jobs if _finished(workdir, job.name))
-    cached, cache_notes = plan_teacher_caches(config, jobs, data.images.shape[1:], done)
-    with timer("data"):
+        jobs = plan_jobs(config, splits, data.num_classes)
+        # Before the binding: a cache refused for its size can be corrected with the same workdir.
+        done = frozenset(job.name for job in jobs if _finished(workdir, job.name))
+        cached, cache_notes = plan_teacher_caches(config, jobs, data.images.shape[1:], done)
         warning = bind_workdir(config, workdir, data, splits, writer)
     if warning:
         progress.print(warning)
