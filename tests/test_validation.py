@@ -314,6 +314,34 @@ def test_ctrl_c_stops_launch_in_one_line_and_keeps_the_workdir(tmp_path):
     assert (workdir / "config.json").exists()
 
 
+def test_ctrl_c_during_an_xla_compilation_exits_with_130_at_once(tmp_path):
+    # The compiler goes on in its own thread after the KeyboardInterrupt: an interpreter teardown
+    # under it waited for the compilation to end, then crashed (SIGSEGV/SIGABRT, not 130).
+    marker = tmp_path / "compiling"
+    code = textwrap.dedent(f"""
+        import threading
+        import jax
+        import jax.numpy as jnp
+        from weckd_jax import cli
+
+        jax.config.update("jax_enable_compilation_cache", False)  # a compilation, not a load
+
+        def slow_to_compile(x):
+            for i in range(700):
+                x = jnp.sin(x @ x.T + i) @ x
+            return x
+
+        lowered = jax.jit(slow_to_compile).lower(jnp.ones((8, 8)))
+        threading.Timer(1.0, open, [{str(marker)!r}, "w"]).start()  # 1 s into the compilation
+        try:
+            lowered.compile()
+        except KeyboardInterrupt:
+            cli.interrupted("stopped while compiling")
+    """)
+    returncode, stderr = signal_when(["-c", code], marker.exists, signal.SIGINT, "compiling")
+    assert (returncode, stderr) == (130, "interrupted: stopped while compiling\n")
+
+
 CTRL_C = {  # a tool whose work is stopped by Ctrl-C, as python -c code
     "predict": "from weckd_jax import predict\npredict.predict = ctrl_c\n"
     "sys.exit(predict.main(['--workdir', 'w', '--images', 'README.md']))",

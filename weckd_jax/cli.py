@@ -49,12 +49,20 @@ def keep_interrupts() -> None:
 def interrupted(message: str) -> None:
     """Prints one line for a Ctrl-C (``message``: what is kept, how to resume), exits with 130.
     In a multi-process run only process 0 prints (every process gets the Ctrl-C); the others
-    exit silently, with the same status."""
+    exit silently, with the same status.
+
+    Called once the interrupt has unwound the command (checkpoints being written are finished,
+    logs flushed), it ends the process at once, without the interpreter's teardown: a Ctrl-C
+    that lands in an XLA compilation leaves the compiler running in its own thread, and tearing
+    the runtime down under it waits for the compilation to end and then crashes (SIGSEGV or
+    SIGABRT instead of 130)."""
     if distributed.is_process_zero():
         if sys.stdout.isatty():
             print(file=sys.stdout, flush=True)  # ends a progress line being rewritten in place
         print(f"interrupted: {message}", file=sys.stderr)
-    sys.exit(INTERRUPTED)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(INTERRUPTED)
 
 
 def _one_line(error: BaseException) -> str:
