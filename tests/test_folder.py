@@ -584,6 +584,28 @@ def test_check_enough_names_short_classes_and_the_fix(tmp_path):
     _check_enough(data, val_fraction=0.34, test_fraction=0.34, num_fractions=1, fraction=1.0)
 
 
+def test_check_enough_suggests_only_the_settings_of_the_short_parts(tmp_path):
+    # Raising a held-out share takes images from the fractions: it is no fix for short fractions.
+    root = tmp_path / "root"
+    for c in "ab":
+        for i in range(10):
+            save_any(root / c / f"{i}.png", 100 * (c == "b") + i)
+    data = folder.load(data_config(root))
+    with pytest.raises(DataError) as e:
+        _check_enough(data, val_fraction=0.2, test_fraction=0.2, num_fractions=3, fraction=0.1)
+    assert "none in fraction" in str(e.value) and "none in val" not in str(e.value)
+    assert str(e.value).endswith(
+        "Fix: add images of these classes, remove the classes, or raise chain.fraction / lower "
+        "chain.length."
+    )
+    with pytest.raises(DataError) as e:
+        _check_enough(data, val_fraction=0.02, test_fraction=0.2, num_fractions=1, fraction=0.5)
+    assert "'a' (10 images): none in val\n" in str(e.value)
+    assert str(e.value).endswith(
+        "Fix: add images of these classes, remove the classes, or raise data.val_fraction."
+    )
+
+
 def test_check_enough_refuses_a_first_fraction_without_labels(tmp_path):
     root = tmp_path / "root"
     for c in "ab":

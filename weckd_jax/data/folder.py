@@ -1180,12 +1180,19 @@ def check_enough(
             " A fixed split from the manifest's split column may put no image of a class in val "
             "or test: check that column."
         )
+    # Only the settings of the parts that lack images: raising a held-out share would take
+    # images away from the fractions.
+    lacking = {name for missing in short.values() for name in missing}
+    fixes = ["add images of these classes", "remove the classes"]
+    if lacking - {"val", "test"}:
+        fixes.append("raise chain.fraction / lower chain.length")
+    if held_out := [f"data.{name}_fraction" for name in ("val", "test") if name in lacking]:
+        fixes.append(f"raise {' / '.join(held_out)}")
+    fix = f"{', '.join(fixes[:-1])}, or {fixes[-1]}"
     raise DataError(
         "too few images for the requested split: with data.val_fraction="
         f"{val_fraction:g}, data.test_fraction={test_fraction:g} and chain.length={num_fractions} "
         f"fractions of chain.fraction={fraction:g} of the train pool, these classes get no image "
         f"in some parts:\n{_listing(lines)}\nEvery class needs about {need} {unit} or more with "
-        "these settings (more when groups are uneven)." + fixed + "\nFix: add images of these "
-        "classes, remove the classes, or raise chain.fraction / lower chain.length (or raise "
-        "data.val_fraction / data.test_fraction)."
+        f"these settings (more when groups are uneven).{fixed}\nFix: {fix}."
     )
