@@ -7,11 +7,14 @@ import glob
 import io
 import json
 import os
+import shlex
 import shutil
 
 import jax
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from tests.conftest import REPO, run_python, smoke_config
 from weckd_jax import chain, checkpoints, parallel
@@ -294,10 +297,27 @@ def test_a_workdir_of_an_older_version_is_refused_with_the_fix_that_works(tmp_pa
         "with the version that started it, or use a new --workdir."
     )
     saved = config_lib.as_json(config)
-    saved["distill"]["alpha"] = 0.3  # the user's own change: the saved config is the fix
+    # The user's own changes: the saved values are the fix, given as overrides to add.
+    saved["distill"]["alpha"] = 0.3
+    saved["model"]["backbone"] = "resnet10,resnet18"
+    saved["train"]["augment"] = False
+    saved["data"]["group_regex"] = r"(P\d+) scan"
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(config_lib.ConfigError, match=r"rerun with the saved one \("):
+    with pytest.raises(config_lib.ConfigError) as error:
         chain.check_workdir(config, str(tmp_path))
+    message = str(error.value)
+    assert message.endswith(
+        f"resume this run with its saved values (in {tmp_path / 'config.json'}) by adding: "
+        "'--config.data.group_regex=(P\\d+) scan' --config.distill.alpha=0.3 "
+        "--config.model.backbone=resnet10,resnet18 --config.train.augment=False"
+    )
+    # Parsed as the command line parses them, they give the saved config back.
+    argv = ["launch", *shlex.split(message.rsplit("by adding: ", 1)[1])]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", config, flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    assert config_lib.as_json(flag_values.config) == saved
+    chain.check_workdir(flag_values.config, str(tmp_path))
 
 
 def test_a_folder_of_images_or_a_search_is_refused_as_a_workdir(tmp_path):

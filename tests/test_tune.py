@@ -437,6 +437,22 @@ def test_a_search_in_a_folder_of_images_is_refused(tmp_path):
     assert sorted(os.listdir(images)) == ["normal"]
 
 
+def test_a_changed_search_config_is_refused_with_the_overrides_that_restore_it(tmp_path):
+    config = search_config()
+    saved = config_lib.as_json(config)
+    saved["tune"]["space"] = "distill.alpha:0.2:0.8"
+    saved["distill"]["t_max"] = 4.0
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(config_lib.ConfigError) as error:
+        tune.check_study_dir(config, str(tmp_path))
+    assert str(error.value).endswith(
+        f"continue this one with its saved values (in {tmp_path / 'config.json'}) by adding: "
+        "--config.distill.t_max=4.0 --config.tune.space=distill.alpha:0.2:0.8"
+    )
+    config.distill.t_max, config.tune.space = 4.0, "distill.alpha:0.2:0.8"
+    tune.check_study_dir(config, str(tmp_path))
+
+
 def test_ctrl_c_stops_a_search_in_one_line_and_fails_the_running_trial(tmp_path):
     args = _tune_args(tmp_path, "--trials=1", "--evaluate_best=false")
     ready = (tmp_path / "trials" / "0" / "config.json").exists  # trial 0 is running

@@ -686,11 +686,11 @@ def check_workdir(config, workdir: str) -> None:
     with open(path) as f:
         saved = json.load(f)
     now = config_lib.as_json(config)
-    changed = config_lib.differences(saved, now)
+    keys = config_lib.differing_keys(saved, now)
     if saved.get("seeds") and config_lib.seed_list(config):
         # A multi-seed experiment may gain or drop seeds: each seed_<s>/ is checked on its own.
-        changed = [line for line in changed if not line.startswith("seeds: ")]
-    if not changed:
+        keys = [key for key in keys if key != "seeds"]
+    if not keys:
         return
     if newer := config_lib.newer_keys(saved, now):
         fix = (
@@ -698,7 +698,11 @@ def check_workdir(config, workdir: str) -> None:
             "with the version that started it, or use a new --workdir."
         )
     else:
-        fix = f"Use a new --workdir for the new config, or rerun with the saved one ({path})."
+        fix = (
+            "Use a new --workdir for the new config, or resume this run with its saved values "
+            f"(in {path}) by adding: {config_lib.restoring_overrides(saved, keys)}"
+        )
+    changed = config_lib.differences(saved, now, keys)
     raise config_lib.ConfigError(
         f"{workdir} holds a run with another config; resuming it would mix two "
         "experiments. Differences (saved -> now):\n  " + "\n  ".join(changed) + "\n" + fix

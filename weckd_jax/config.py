@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import traceback
 
@@ -485,15 +486,30 @@ def _counts(key: str) -> bool:
     return key not in HARMLESS_KEYS and not key.startswith(HARMLESS_PREFIXES)
 
 
-def differences(saved: dict, current: dict) -> list[str]:
-    """``key: saved -> current`` for every key whose value differs (harmless keys excepted)."""
+def differing_keys(saved: dict, current: dict) -> list[str]:
+    """The dotted keys whose values differ between two configs (harmless keys excepted)."""
     old, new = dict(_leaves(saved)), dict(_leaves(current))
     missing = object()
     return [
-        f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
+        key
         for key in sorted(old.keys() | new.keys())
         if _counts(key) and old.get(key, missing) != new.get(key, missing)
     ]
+
+
+def differences(saved: dict, current: dict, keys: list[str] | None = None) -> list[str]:
+    """``key: saved -> current`` for each of ``keys`` (default: `differing_keys`)."""
+    old, new = dict(_leaves(saved)), dict(_leaves(current))
+    keys = differing_keys(saved, current) if keys is None else keys
+    return [f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}" for key in keys]
+
+
+def restoring_overrides(saved: dict, keys: list[str]) -> str:
+    """The command-line overrides (``--config.KEY=VALUE``, shell-quoted) that give ``keys``
+    their values in ``saved`` (a ``config.json``) again: added to a command refused for a
+    changed config, they make its config the saved one. Keys ``saved`` lacks are left out."""
+    old = dict(_leaves(saved))
+    return " ".join(shlex.quote(f"--config.{key}={old[key]}") for key in keys if key in old)
 
 
 def newer_keys(saved: dict, current: dict) -> list[str]:

@@ -278,20 +278,21 @@ def check_study_dir(config, workdir: str) -> None:
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        changed = config_lib.differences(saved, current)
-        # The search's own keys always count, even if `differences` ever treats them as harmless.
+        keys = config_lib.differing_keys(saved, current)
+        # The search's own keys always count, even if `differing_keys` ever treats them as
+        # harmless.
         old, new = saved.get("tune", {}), current.get("tune", {})
         for key in sorted(old.keys() | new.keys()):
-            line = f"tune.{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
-            if old.get(key) != new.get(key) and line not in changed:
-                changed.append(line)
-        if changed:
+            if old.get(key) != new.get(key) and f"tune.{key}" not in keys:
+                keys.append(f"tune.{key}")
+        if keys:
             raise ConfigError(
                 f"{workdir} holds a search with another config or search space; continuing it "
                 "would mix two studies. Differences (saved -> now):\n  "
-                + "\n  ".join(changed)
-                + f"\nUse a new --workdir for the new search, or rerun with the saved config "
-                f"({path})."
+                + "\n  ".join(config_lib.differences(saved, current, keys))
+                + "\nUse a new --workdir for the new search, or continue this one with its "
+                f"saved values (in {path}) by adding: "
+                + config_lib.restoring_overrides(saved, keys)
             )
     elif os.path.exists(study_file):
         raise ConfigError(
