@@ -131,6 +131,11 @@ BAD_CONFIG_FILES = {
         "get_config() failed (line 2): NameError: name 'undefined_name' is not defined",
     ),
     "import_fails.py": ("import no_such_module_x\n", "running it failed (line 1): Module"),
+    "config.json": (  # a run's record of its config
+        '{"chain": {"dense": false}, "seed": 0}\n',
+        "is JSON (a run's config.json records the config, it is not a config file); give the "
+        "config file and overrides that started the run, e.g. --config configs/smoke.py",
+    ),
     "backbone_tuple.py": (
         "from weckd_jax.config import base_config\n"
         "def get_config():\n"

@@ -149,6 +149,12 @@ def load_file(path: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(file):
         what = "is a folder, not a file" if os.path.isdir(file) else "does not exist"
         raise ConfigError(f"config file {file} {what}; give a config file, {fix}")
+    if file.lower().endswith(".json"):
+        # Run as Python, a run's config.json would fail on its first `false` or `null`.
+        raise ConfigError(
+            f"config file {file} is JSON (a run's config.json records the config, it is not a "
+            f"config file); give the config file and overrides that started the run, {fix}"
+        )
 
     def failed(what: str, e: BaseException) -> ConfigError:
         lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if _same_file(f, file)]
