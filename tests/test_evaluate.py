@@ -103,6 +103,13 @@ def test_a_mistyped_override_is_named_with_its_close_match(smoke_run, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])
+def test_help_prints_the_usage(flag, capsys):
+    assert evaluate.main(["evaluate", flag]) == 0
+    out = capsys.readouterr()
+    assert "python -m weckd_jax.evaluate --workdir DIR --config CFG" in out.out and not out.err
+
+
 def test_changed_data_under_the_run_config_is_flagged_not_counted(smoke_run):
     config, workdir, _ = smoke_run
     with open(os.path.join(workdir, "config.json")) as f:

@@ -337,6 +337,9 @@ def print_table(progress, evaluation: dict) -> None:
         )
 
 
+HELP_FLAGS = frozenset({"-h", "-help", "--help", "--helpshort", "--helpfull", "-?"})
+
+
 def _flags(argv: list[str]):
     from absl import flags
     from ml_collections import config_flags
@@ -370,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     ops.configure_cpu_flags()  # before JAX starts a backend
     cli.keep_interrupts()
     argv = sys.argv if argv is None else argv
+    if HELP_FLAGS & set(argv[1:]):  # as launch, tune and bench answer them (absl's app.run)
+        print(__doc__)
+        return 0
     values = _flags(argv)
 
     def fail(message: str) -> int:
