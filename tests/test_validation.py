@@ -277,6 +277,17 @@ def test_every_tool_reports_a_bad_config_file_or_key_in_one_line(tmp_path):
         (["weckd_jax.tune", "--config.train.epoch=1", workdir, "--trials=1"], "'train.epochs'?"),
         (["weckd_jax.launch", "--config=configs/smoke.py", f"--workdir={tmp_path / 'a_file'}"],
          "a_file is a file or a broken link, not a folder"),
+        # A config key or file given without --config is named with the --config form.
+        (["weckd_jax.launch", "--seed=1", workdir],
+         "Unknown command line flag 'seed'; did you mean --config.seed=VALUE? (config keys are "
+         "set with --config)"),
+        (["weckd_jax.evaluate", "--config=configs/smoke.py", workdir, "--epochs=2"],
+         "did you mean --config.train.epochs=VALUE?"),
+        (["weckd_jax.tune", "configs/smoke.py", workdir, "--trials=1"],
+         "unexpected arguments: configs/smoke.py; give a config file with --config: --config "
+         "configs/smoke.py"),
+        (["weckd_jax.bench", "--nosuchflag"],
+         "Unknown command line flag 'nosuchflag' (run with --helpfull to list the flags)"),
     ]  # fmt: skip
     procs = [
         subprocess.Popen(

@@ -223,7 +223,7 @@ def main(argv: list[str]) -> None:
     ops.configure_cpu_flags()  # before JAX starts a backend
     cli.keep_interrupts()
     if len(argv) > 1:
-        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+        cli.fail(cli.unexpected_arguments(argv[1:]))
     logging.set_verbosity(logging.WARNING)
     if _JSON.value and (  # before minutes of timing
         problem := files.output_problem(_JSON.value, "--json", overwrite=_OVERWRITE.value)

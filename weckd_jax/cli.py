@@ -172,7 +172,25 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError) as e:  # what the checks above did not foresee
         fail(f"unknown config key in a --config.KEY override: {_one_line(e)}")
     except flags.Error as e:
-        fail(f"{_one_line(e)} (run with --helpfull to list the flags)")
+        fail(flag_error(e))
+
+
+def flag_error(error: flags.Error) -> str:
+    """One line for a command-line flag absl refuses; a config key given as a flag of its own
+    (``--seed=1``, ``--chain.length=4``) is named with the ``--config.KEY`` override to use."""
+    name = getattr(error, "flagname", None)
+    if isinstance(error, flags.UnrecognizedFlagError) and (key := config_lib.matching_key(name)):
+        override = f"--config.{key}=VALUE"
+        return f"{_one_line(error)}; did you mean {override}? (config keys are set with --config)"
+    return f"{_one_line(error)} (run with --helpfull to list the flags)"
+
+
+def unexpected_arguments(args: list[str]) -> str:
+    """The message for arguments that are no flag (no tool takes any); a config file given
+    without ``--config`` is named with the flag."""
+    config_files = [arg for arg in args if arg.endswith(".py") and os.path.isfile(arg)]
+    fix = f"; give a config file with --config: --config {config_files[0]}" if config_files else ""
+    return f"unexpected arguments: {' '.join(args)}{fix}"
 
 
 def workdir_problem(path: str) -> str | None:

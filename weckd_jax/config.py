@@ -492,6 +492,16 @@ def _counts(key: str) -> bool:
     return key not in HARMLESS_KEYS and not key.startswith(HARMLESS_PREFIXES)
 
 
+def matching_key(name: str) -> str | None:
+    """The dotted config key ``name`` stands for: the key itself (``chain.length``) or the last
+    part of exactly one key (``epochs`` for ``train.epochs``); None when there is none."""
+    keys = [key for key, _ in _leaves(base_config())]
+    if name in keys:
+        return name
+    found = [key for key in keys if key.rsplit(".", 1)[-1] == name]
+    return found[0] if len(found) == 1 else None
+
+
 def differing_keys(saved: dict, current: dict) -> list[str]:
     """The dotted keys whose values differ between two configs (harmless keys excepted)."""
     old, new = dict(_leaves(saved)), dict(_leaves(current))

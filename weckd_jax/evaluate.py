@@ -392,9 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     except (AttributeError, KeyError) as e:  # what override_problem did not foresee
         return fail(f"unknown config key in a --config.KEY override: {' '.join(str(e).split())}")
     except flags.Error as e:
-        return fail(str(e))
+        return fail(cli.flag_error(e))
     if len(extra) > 1:
-        return fail(f"unexpected arguments: {' '.join(extra[1:])}")
+        return fail(cli.unexpected_arguments(extra[1:]))
     if values["workdir"].value is None or values["config"].value is None:
         return fail("--workdir and --config are required")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO

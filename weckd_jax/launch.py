@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
     ops.configure_cpu_flags()  # before JAX starts a backend
     cli.keep_interrupts()
     if len(argv) > 1:
-        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+        cli.fail(cli.unexpected_arguments(argv[1:]))
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(

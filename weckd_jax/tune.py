@@ -719,7 +719,7 @@ def main_cli() -> None:
         ops.configure_cpu_flags()  # before JAX starts a backend
         cli.keep_interrupts()
         if len(argv) > 1:
-            cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+            cli.fail(cli.unexpected_arguments(argv[1:]))
         if not workdir_flag.value:
             cli.fail(f"--workdir DIR is required: the study lives in DIR/{workdirs.STUDY_FILE}")
         if trials_flag.value is None:
