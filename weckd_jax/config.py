@@ -483,8 +483,11 @@ def validate(config, workdir: str | None = None) -> None:
 # (`tune.*` steers only `python -m weckd_jax.tune`, which checks its own section).
 # distill.teacher_cache_max_gb picks only where the teacher runs (before the link or in every
 # step, which train the same): a run may be resumed with a limit that fits the host it runs on
-# now, and a run started before the key existed resumes.
-HARMLESS_KEYS = frozenset({"train.checkpoint_every", "distill.teacher_cache_max_gb"})
+# now, and a run started before the key existed resumes. The cache of decoded images
+# (data.cache_dir) holds exactly what decoding gives, and data.json checks the pixels anyway.
+HARMLESS_KEYS = frozenset(
+    {"train.checkpoint_every", "distill.teacher_cache_max_gb", "data.cache_dir"}
+)
 HARMLESS_PREFIXES = ("tune.",)
 
 
