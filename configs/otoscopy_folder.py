@@ -7,7 +7,7 @@ Layout (``--config.data.root=DIR``; class names are the sorted folder names, so 
       acute_otitis_media/     ...
       chronic_otitis_media/   ...
       earwax/                 ...          (nested folders under a class are fine)
-      manifest.csv            optional: path,label,group[,split]
+      manifest.csv            optional: path,label[,group][,split]
 
 PNG, JPEG, BMP and TIFF of any size are read; each is letterboxed to 128 x 128 (the longer side
 resized, the shorter padded with black: the dark surround of an otoscope frame) and cached

@@ -93,6 +93,29 @@ def test_the_trained_architecture_is_used_not_the_evaluation_configs(smoke_run):
     ]
 
 
+def test_images_are_read_at_the_trained_size_with_a_note_saying_so(smoke_run):
+    import io
+
+    from weckd_jax.progress import Progress
+
+    config, workdir, results = smoke_run
+    other = config.copy_and_resolve_references()
+    with other.unlocked():
+        other.data.image_size = 48
+    stream = io.StringIO()
+    out = evaluate.evaluate_workdir(
+        workdir, other, split="test", name="size", progress=Progress(stream=stream)
+    )
+    size, channels = results["data"]["image_size"], results["data"]["channels"]
+    assert stream.getvalue().splitlines()[0] == (
+        f"note: the models were trained at {size}x{size}x{channels}, so the images "
+        f"are read at that size (data.image_size 48 -> {size})"
+    )
+    assert [r["metrics"]["accuracy"] for r in out["links"]] == [
+        r["test"]["accuracy"] for r in results["links"]
+    ]
+
+
 def test_a_mistyped_override_is_named_with_its_close_match(smoke_run, capsys):
     _, workdir, _ = smoke_run
     smoke = os.path.join(REPO, "configs", "smoke.py")

@@ -218,7 +218,10 @@ def evaluate_workdir(
         if config.data.source != "synthetic":
             config.data.channels = channels
     if changed:
-        say(f"note: the models were trained at {size}x{size}x{channels}; set {'; '.join(changed)}")
+        say(
+            f"note: the models were trained at {size}x{size}x{channels}, so the images are read "
+            f"at that size ({'; '.join(changed)})"
+        )
     config_lib.validate(config)
     path = os.path.join(workdir, "evaluations", f"{name}-{split}.json")
     config_json = config_lib.as_json(config)
