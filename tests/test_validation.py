@@ -133,8 +133,8 @@ BAD_CONFIG_FILES = {
     "import_fails.py": ("import no_such_module_x\n", "running it failed (line 1): Module"),
     "config.json": (  # a run's record of its config
         '{"chain": {"dense": false}, "seed": 0}\n',
-        "is JSON (a run's config.json records the config, it is not a config file); give the "
-        "config file and overrides that started the run, e.g. --config configs/smoke.py",
+        "is JSON (a run's config.json records the config, it is not a config file); to use "
+        "the config a run or search recorded, give its folder: --config configs/from_run.py:",
     ),
     "backbone_tuple.py": (
         "from weckd_jax.config import base_config\n"
@@ -167,6 +167,12 @@ def test_bad_config_files_are_named_in_one_line(tmp_path):
             cli.load_config_arg(["prog", f"--config={tmp_path / name}", "--config.seed=1"])
         assert str(e.value).startswith(f"config file {tmp_path / name}"), str(e.value)
         assert message in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
+    # A run's record names the config file that reads it, with the run's folder.
+    for name, folder in (("config.json", str(tmp_path)), ("saved.json", "DIR")):
+        (tmp_path / name).write_text("{}")
+        with pytest.raises(ConfigError) as e:
+            cli.load_config_arg(["prog", "--config", str(tmp_path / name)])
+        assert str(e.value).endswith(f"give its folder: --config configs/from_run.py:{folder}")
     with pytest.raises(ConfigError, match=r"nonexist.py does not exist; give a config file, e.g."):
         cli.load_config_arg(["prog", "--config", str(tmp_path / "nonexist.py")])
     with pytest.raises(ConfigError, match="is a folder, not a file"):

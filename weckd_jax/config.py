@@ -20,7 +20,7 @@ import traceback
 import ml_collections
 
 from weckd_jax import data as data_lib
-from weckd_jax import losses, models, parallel
+from weckd_jax import losses, models, parallel, workdirs
 from weckd_jax.data import synthetic
 
 
@@ -151,9 +151,13 @@ def load_file(path: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {file} {what}; give a config file, {fix}")
     if file.lower().endswith(".json"):
         # Run as Python, a run's config.json would fail on its first `false` or `null`.
+        folder = "DIR"
+        if os.path.basename(file) == "config.json":
+            folder = os.path.dirname(file) or "."
         raise ConfigError(
             f"config file {file} is JSON (a run's config.json records the config, it is not a "
-            f"config file); give the config file and overrides that started the run, {fix}"
+            "config file); to use the config a run or search recorded, give its folder: "
+            f"--config configs/from_run.py:{folder}"
         )
 
     def failed(what: str, e: BaseException) -> ConfigError:
@@ -188,6 +192,8 @@ def load_file(path: str) -> ml_collections.ConfigDict:
         )
     try:
         config = module.get_config(*args)
+    except ConfigError:  # already one line naming the problem and the fix (e.g. `from_run`)
+        raise
     except Exception as e:
         raise failed("get_config() failed", e) from None
     if not isinstance(config, ml_collections.ConfigDict):
@@ -536,3 +542,75 @@ def newer_keys(saved: dict, current: dict) -> list[str]:
     gained after ``saved`` was written, since `validate` refuses any key it does not know."""
     old = dict(_leaves(saved))
     return sorted(key for key, _ in _leaves(current) if key not in old and _counts(key))
+
+
+def from_run(folder: str) -> ml_collections.ConfigDict:
+    """The config recorded in ``folder/config.json``: that of a run of ``launch``, of a
+    multi-seed experiment or one of its ``seed_<s>/`` runs, or of a search of ``tune``
+    (``--config configs/from_run.py:DIR``).
+
+    Built on `base_config`, so every value keeps its key's type and ``--config.KEY=VALUE``
+    overrides work as on any config file's. Keys that change nothing a run computes
+    (`HARMLESS_KEYS`, ``tune.*``) and that the record lacks get their defaults, as a resumed run
+    accepts them. Any other key the record lacks (or has and this version does not) is refused:
+    the record was written by another version of weckd_jax, and filling in this version's
+    default would give a config that claims to be the run's but need not give its numbers.
+
+    Raises:
+      ConfigError: no folder given, the folder or its ``config.json`` missing, a record that
+        cannot be read as JSON or is no JSON object, or one written by another version (keys or
+        types that differ).
+    """
+    fix = "give the folder of a run or a search, e.g. --config configs/from_run.py:runs/NAME"
+    if not folder:
+        raise ConfigError(f"configs/from_run.py needs the folder whose config to use; {fix}")
+    if not os.path.isdir(folder):
+        what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        if os.path.basename(os.path.normpath(folder)) == "config.json":
+            fix = f"give its folder: --config configs/from_run.py:{os.path.dirname(folder) or '.'}"
+        raise ConfigError(f"configs/from_run.py:{folder}: {folder} {what}; {fix}")
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        if seeds := workdirs.seed_names(folder):
+            why = (
+                "it is a multi-seed experiment whose first seed has not finished (its config.json "
+                f"is written then); use a seed's run, e.g. {os.path.join(folder, seeds[0])}"
+            )
+        else:
+            why = (
+                "it is no folder of a run or search, or one stopped before its config and data "
+                f"passed their checks (config.json is written then); {fix}"
+            )
+        raise ConfigError(f"{folder} holds no config.json: {why}")
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{path} cannot be read as JSON ({' '.join(str(e).split())}); restore it from a "
+            "backup, or give the config file and overrides that started the run"
+        ) from None
+    if not isinstance(record, dict):
+        raise ConfigError(
+            f"{path} holds a JSON {type(record).__name__}, not a config (an object of sections "
+            "and keys); restore it, or give the config file and overrides that started the run"
+        )
+    other_version = "it was written by another version of weckd_jax; use that version"
+    saved, defaults = dict(_leaves(record)), dict(_leaves(base_config()))
+    if unknown := [key for key in saved if key not in defaults]:
+        raise ConfigError(
+            f"{path} sets {', '.join(unknown)}, which this version's config does not have: "
+            f"{other_version}"
+        )
+    if missing := [key for key in defaults if key not in saved and _counts(key)]:
+        raise ConfigError(
+            f"{path} lacks {', '.join(missing)}: it was written by an older version of "
+            "weckd_jax, and this version's defaults for them need not give that run's numbers; "
+            "use the version that wrote it"
+        )
+    config = base_config()
+    try:
+        config.update_from_flattened_dict(saved)
+    except TypeError as e:
+        raise ConfigError(f"{path}: {' '.join(str(e).split())}: {other_version}") from None
+    return config
