@@ -3,6 +3,7 @@ given back as a config file's, for resuming, rerunning and evaluating without re
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -199,9 +200,10 @@ def test_a_finished_run_reloads_and_evaluates_from_its_recorded_config(smoke_run
     assert "epoch" not in out.stdout  # nothing trained: every job reloaded from jobs/
     assert snapshot() == before
 
-    argv = ["evaluate", "--workdir", copy, "--config", f"{FROM_RUN}:{copy}", "--split", "test"]
-    assert evaluate.main([*argv, "--name", "own"]) == 0
-    with open(os.path.join(copy, "evaluations", "own-test.json")) as f:
+    # Named after the config file, not its argument (a folder, here with a trailing slash).
+    argv = ["evaluate", "--workdir", copy, "--config", f"{FROM_RUN}:{copy}/", "--split", "test"]
+    assert evaluate.main(argv) == 0, capsys.readouterr().err
+    with open(os.path.join(copy, "evaluations", "from_run-test.json")) as f:
         own = json.load(f)
     assert [r["metrics"]["accuracy"] for r in own["links"]] == [
         r["test"]["accuracy"] for r in results["links"]
@@ -215,3 +217,11 @@ def test_a_finished_run_reloads_and_evaluates_from_its_recorded_config(smoke_run
         "data": {**own["config"]["data"], "difficulty": 2.0},
     }
     assert harder["data"]["same_data_as_run"] is False
+
+
+def test_a_config_files_argument_is_left_out_of_default_names():
+    assert cli.config_name("configs/from_run.py:runs/a/") == "from_run"
+    assert cli.config_name("/x/best_config.py") == "best_config"
+    code = "from weckd_jax import launch; print(launch.default_workdir('c/from_run.py:runs/a/'))"
+    out = run_python("-c", code)
+    assert re.fullmatch(r"runs/\d{8}-\d{6}-from_run\n", out.stdout), out

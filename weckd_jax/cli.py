@@ -92,6 +92,13 @@ def config_path(argv: list[str], name: str = "config") -> str | None:
     return paths[0] if paths else None
 
 
+def config_name(path: str) -> str:
+    """The name of the config file ``--config PATH`` gives, without its folder, ``.py`` and a
+    ``:ARG`` (``configs/from_run.py:runs/x/`` -> ``from_run``): what names a run's default folder
+    and an evaluation's output."""
+    return os.path.splitext(os.path.basename(path.split(":", 1)[0]))[0]
+
+
 def load_config_arg(argv: list[str], name: str = "config"):
     """The config file ``--config`` names in ``argv``, loaded and checked as
     `weckd_jax.config.load_file` does (`ConfigError` on any problem); None without the flag."""

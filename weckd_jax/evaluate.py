@@ -13,15 +13,15 @@ the metrics equal the ``test`` entries of ``DIR/results.json``.
 
 Every class of the new data must be a class the models were trained on (matched by name; the new
 data may hold fewer classes, in any order); otherwise the command stops with exit status 2.
-Writes ``DIR/evaluations/<NAME>-<split>.json`` (``NAME``: the config file's name without ``.py``)
-with one `weckd_jax.metrics.classification_metrics` dict per model under ``metrics``, and prints
-a table next to each model's test accuracy in the run. An existing file written with another
+Writes ``DIR/evaluations/<NAME>-<split>.json`` (``NAME``: the config file's name without ``.py`` and
+``:ARG``) with one `weckd_jax.metrics.classification_metrics` dict per model under ``metrics``, and
+prints a table next to each model's test accuracy in the run. An existing file written with another
 config is never replaced (exit status 2: pass another ``--name``). The config's ``model`` and
-``chain`` keys are replaced by the run's: the models come from its checkpoints, each checked to
-hold the weights ``results.json`` reports (their ``fingerprint``); these checks, and that of an
-existing output file's config, come before the data is loaded. When the data is
-the run's own (see `chain.data_record`), the output counts the evaluated images the run trained
-on or selected epochs on, and a note warns that such metrics are optimistic.
+``chain`` keys are replaced by the run's: the models come from its checkpoints, each checked to hold
+the weights ``results.json`` reports (their ``fingerprint``); these checks, and that of an existing
+output file's config, come before the data is loaded. When the data is the run's own (see
+`chain.data_record`), the output counts the evaluated images the run trained on or selected epochs
+on, and a note warns that such metrics are optimistic.
 """
 
 from __future__ import annotations
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail("--workdir and --config are required")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
     config_path = config_flags.get_config_filename(values["config"])
-    name = values["name"].value or os.path.splitext(os.path.basename(config_path))[0]
+    name = values["name"].value or cli.config_name(config_path)
     try:
         evaluate_workdir(
             values["workdir"].value,

@@ -45,9 +45,8 @@ USER_ERRORS = (
 
 
 def default_workdir(config_path: str) -> str:
-    stem = os.path.splitext(os.path.basename(config_path))[0]
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join("runs", f"{stamp}-{stem}")
+    return os.path.join("runs", f"{stamp}-{cli.config_name(config_path)}")
 
 
 def main(argv: list[str]) -> None:
