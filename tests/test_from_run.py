@@ -186,9 +186,8 @@ def test_a_finished_run_reloads_and_evaluates_from_its_recorded_config(smoke_run
         found = {}
         for folder, _, names in os.walk(copy):
             for name in names:
-                if "tensorboard" not in folder:
-                    with open(os.path.join(folder, name), "rb") as f:
-                        found[os.path.relpath(os.path.join(folder, name), copy)] = f.read()
+                with open(os.path.join(folder, name), "rb") as f:
+                    found[os.path.relpath(os.path.join(folder, name), copy)] = f.read()
         return found
 
     before = snapshot()

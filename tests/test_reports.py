@@ -406,6 +406,17 @@ def test_tensorboard_scalars_by_run_and_step(tmp_path):
     }
 
 
+def test_a_tensorboard_writer_that_logs_nothing_leaves_no_file(tmp_path):
+    logdir = str(tmp_path / "tb")
+    with TensorBoardWriter(logdir) as writer:
+        writer.write({"run": "link_1", "epoch": 1, "step": 4, "skipped": True})  # no scalar
+        writer.flush()
+    assert not os.path.exists(logdir)
+    with TensorBoardWriter(logdir) as writer:
+        writer.write({"run": "link_1", "epoch": 1, "step": 4, "loss": 0.5})
+    assert read_scalars(logdir) == {"link_1/loss": [(4, 0.5)]}
+
+
 def test_tensorboard_from_a_real_metrics_file_and_rewrite(smoke_run, tmp_path):
     _, workdir, _ = smoke_run
     metrics_path = os.path.join(workdir, "metrics.jsonl")

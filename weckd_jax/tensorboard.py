@@ -49,17 +49,21 @@ class TensorBoardWriter:
     """Logs ``metrics.jsonl`` records as TensorBoard scalars ``<run>/<key>`` by step.
 
     Writes synchronously (one event per record, flushed at once: a record is on disk when
-    `write` returns; no background thread or queue). Usable as a context manager.
+    `write` returns; no background thread or queue). The event file is opened by the first
+    record, so a writer that logs nothing (a rerun that only reloads finished jobs) leaves no
+    empty file. Usable as a context manager.
     """
 
     def __init__(self, logdir: str):
         self.logdir = logdir
-        os.makedirs(logdir, exist_ok=True)
-        self._writer = self._open()
+        self._writer: EventsWriter | None = None
 
-    def _open(self) -> EventsWriter:
-        suffix = f".{os.getpid()}.{next(_SERIAL)}"
-        return EventsWriter(os.path.join(self.logdir, "events"), suffix)
+    def _events(self) -> EventsWriter:
+        if self._writer is None:
+            os.makedirs(self.logdir, exist_ok=True)
+            suffix = f".{os.getpid()}.{next(_SERIAL)}"
+            self._writer = EventsWriter(os.path.join(self.logdir, "events"), suffix)
+        return self._writer
 
     def write(self, record: dict) -> None:
         """Logs one record: a dict with ``run`` and ``step``, other keys as in ``metrics.jsonl``."""
@@ -69,7 +73,7 @@ class TensorBoardWriter:
         event = Event(
             wall_time=time.time(), step=int(record["step"]), summary=Summary(value=values)
         )
-        self._writer.write_event(event)
+        self._events().write_event(event)
         self._writer.flush()
 
     def rewrite_from(self, metrics_path: str) -> int:
@@ -79,10 +83,9 @@ class TensorBoardWriter:
         old event files still hold those steps, and TensorBoard would draw them twice; this
         makes the logs equal to ``metrics.jsonl`` again. Returns the number of records written.
         """
-        self._writer.close()
+        self.close()
         for path in glob.glob(os.path.join(self.logdir, EVENT_GLOB)):
             os.remove(path)
-        self._writer = self._open()
         count = 0
         if os.path.exists(metrics_path):
             with open(metrics_path) as f:
@@ -93,10 +96,13 @@ class TensorBoardWriter:
         return count
 
     def flush(self) -> None:
-        self._writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def __enter__(self) -> TensorBoardWriter:
         return self
