@@ -370,6 +370,28 @@ def test_a_file_that_is_no_image_is_reported_once_for_predicting(smoke_run, tmp_
     )
 
 
+def test_paths_starting_with_a_tilde_are_expanded_by_predict_and_evaluate(
+    smoke_run, images, tmp_path, monkeypatch, capsys
+):
+    # In --flag=~/x the shell leaves ~ as typed (it expands it only at the start of a word).
+    _, workdir, _ = smoke_run
+    _, paths, _ = images
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(workdir, tmp_path / "run", ignore=shutil.ignore_patterns("evaluations"))
+    (tmp_path / "scans").mkdir()
+    shutil.copy(paths[0], tmp_path / "scans" / "0.png")
+    shutil.copy(SMOKE, tmp_path / "site.py")
+    argv = ["--workdir=~/run", "--images=~/scans", "--output=~/out.csv"]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    with open(tmp_path / "out.csv", newline="") as f:
+        assert [r[0] for r in csv.reader(f)][1:] == [str(tmp_path / "scans" / "0.png")]
+    assert evaluate.main(["evaluate", "--workdir=~/run", "--config", "~/site.py"]) == 0, (
+        capsys.readouterr().err
+    )
+    assert (tmp_path / "run" / "evaluations" / "site-test.json").is_file()
+
+
 def test_module_entry_point_reports_errors_plainly(smoke_run, images):
     _, workdir, _ = smoke_run
     _, paths, _ = images

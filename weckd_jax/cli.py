@@ -75,16 +75,35 @@ def _args(argv: list[str]) -> list[str]:
     return args[: args.index("--")] if "--" in args else args
 
 
+def _flag_values(argv: list[str], name: str) -> list[tuple[int, str, str]]:
+    """``(index in argv, text before the value, value)`` of every value given to the flag
+    ``name`` in ``argv``: ``--NAME VALUE`` (index of VALUE, no text before) or ``--NAME=VALUE``
+    (one dash as well), as absl reads them."""
+    found, args = [], _args(argv)
+    for i, arg in enumerate(args, start=1):
+        for flag in (f"--{name}", f"-{name}"):
+            if arg == flag and i < len(args):
+                found.append((i + 1, "", argv[i + 1]))
+            elif arg.startswith(flag + "="):
+                found.append((i, flag + "=", arg[len(flag) + 1 :]))
+    return found
+
+
+def expand_home(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """``argv`` with a leading ``~`` of the values of the path flags ``names`` expanded
+    (`os.path.expanduser`, as ``data.root`` is): a shell expands ``~`` only at the start of a
+    word, so ``--workdir=~/runs/x`` arrives as typed."""
+    argv = list(argv)
+    for name in names:
+        for i, before, value in _flag_values(argv, name):
+            argv[i] = before + os.path.expanduser(value)
+    return argv
+
+
 def config_path(argv: list[str], name: str = "config") -> str | None:
     """The value of ``--config FILE`` / ``--config=FILE`` in ``argv``, or None; a second
     ``--config`` is a `ConfigError` (overrides would apply to both files)."""
-    paths, args = [], _args(argv)
-    for i, arg in enumerate(args):
-        for flag in (f"--{name}", f"-{name}"):
-            if arg == flag and i + 1 < len(args):
-                paths.append(args[i + 1])
-            elif arg.startswith(flag + "="):
-                paths.append(arg[len(flag) + 1 :])
+    paths = [value for _, _, value in _flag_values(argv, name)]
     if len(paths) > 1:
         raise config_lib.ConfigError(
             f"--{name} is given {len(paths)} times ({', '.join(paths)}); give it once"

@@ -9,7 +9,8 @@ Typical uses: external validation on another hospital's images (a ``folder`` con
 images: ``all`` of them, or the ``train`` pool / ``val`` / ``test`` split that
 `weckd_jax.data.splits.make_splits` computes from the config, exactly as a run with this config
 would (same seed and fractions: the same split). With the run's own config and ``--split test``
-the metrics equal the ``test`` entries of ``DIR/results.json``.
+the metrics equal the ``test`` entries of ``DIR/results.json``. ``--workdir`` and ``--config``
+may start with ``~`` (the home folder), also as ``--workdir=~/runs/x``.
 
 Every class of the new data must be a class the models were trained on (matched by name; the new
 data may hold fewer classes, in any order); otherwise the command stops with exit status 2.
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ops.configure_cpu_flags()  # before JAX starts a backend
     cli.keep_interrupts()
-    argv = sys.argv if argv is None else argv
+    argv = cli.expand_home(sys.argv if argv is None else argv, ("config", "workdir"))
     if HELP_FLAGS & set(argv[1:]):  # as launch, tune and bench answer them (absl's app.run)
         print(__doc__)
         return 0

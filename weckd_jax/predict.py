@@ -5,7 +5,8 @@
 
 ``PATH`` is one image or a folder searched recursively for image files (the extensions of
 `weckd_jax.data.folder.IMAGE_EXTENSIONS`, case-insensitive; symbolic links followed; hidden files
-and folders skipped), as training reads a class folder.
+and folders skipped), as training reads a class folder. A path flag's value may start with ``~``
+(the home folder, as in ``data.root``), also as ``--images=~/scans``, which the shell leaves as is.
 Each image is decoded and resized exactly as in training (`weckd_jax.data.folder.decode_image`
 with the run's ``image_size`` and ``channels`` from ``DIR/results.json``), then classified by the
 chosen link (default: the last) restored from its final checkpoint
@@ -322,11 +323,20 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m weckd_jax.predict",
         description="Class probabilities of images from a trained weckd_jax run.",
     )
-    parser.add_argument("--workdir", required=True, help="the run's folder (with results.json)")
-    parser.add_argument("--images", required=True, help="an image, or a folder (recursive)")
+    # A shell expands ~ only at the start of a word: --images=~/x arrives as typed.
+    path = os.path.expanduser
+    parser.add_argument(
+        "--workdir", required=True, type=path, help="the run's folder (with results.json)"
+    )
+    parser.add_argument(
+        "--images", required=True, type=path, help="an image, or a folder (recursive)"
+    )
     parser.add_argument("--link", type=int, default=None, help="link number (default: the last)")
     parser.add_argument(
-        "--output", default=None, help="CSV to write (path, predicted, one column per class)"
+        "--output",
+        default=None,
+        type=path,
+        help="CSV to write (path, predicted, one column per class)",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the --output file if it exists"
