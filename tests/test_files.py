@@ -52,7 +52,11 @@ def test_output_problem(tmp_path):
         check(str(tmp_path), "--output")
         == f"--output {tmp_path} is a folder; name a file in it instead"
     )
-    assert "is a folder" in check(str(tmp_path / "new") + "/", "--json", overwrite=True)
+    # A name ending in a separator names no file, whether or not the folder exists.
+    assert check(str(tmp_path / "new") + "/", "--json", overwrite=True) == (
+        f"--json {tmp_path / 'new'}/ ends in '/', so it names a folder, not a file; give a file "
+        "name: drop the trailing '/', or add a file name after it"
+    )
     assert check(str(taken / "b.json"), "--json") == (
         f"--json {taken / 'b.json'} cannot be written: {taken} is not a writable folder; "
         "choose another"

@@ -118,11 +118,16 @@ def nearest_existing(path: str) -> str:
 def output_problem(path: str, flag: str, *, overwrite: bool = False) -> str | None:
     """Why a tool should not write its output to ``path`` (given as ``flag``), or None.
 
-    Refuses a folder, a file that exists (unless ``overwrite``) and a place that cannot be
-    written. Missing folders are fine: `write_text` creates them.
+    Refuses a folder, a name ending in a separator, a file that exists (unless ``overwrite``)
+    and a place that cannot be written. Missing folders are fine: `write_text` creates them.
     """
-    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+    if os.path.isdir(path):
         return f"{flag} {path} is a folder; name a file in it instead"
+    if path.endswith(("/", os.sep)):
+        return (
+            f"{flag} {path} ends in {path[-1]!r}, so it names a folder, not a file; give a file "
+            f"name: drop the trailing {path[-1]!r}, or add a file name after it"
+        )
     if os.path.lexists(path) and not overwrite:
         return (
             f"{flag} {path} already exists; choose another path, or add --overwrite to replace it"

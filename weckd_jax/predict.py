@@ -26,8 +26,9 @@ experiment the message names its ``DIR/seed_<s>`` runs), the link has no final c
 cannot be read or its weights are not those ``results.json`` reports (their SHA-256
 ``fingerprint``: a checkpoint copied from another run, or altered), the checkpoint's number of
 classes differs from the run's class names, ``--link`` names a link the run does not have, no
-image is found under PATH, no image could be decoded, or ``--output`` is a folder or an existing
-file (without ``--overwrite``). Runs as a single process (any number of local devices).
+image is found under PATH, no image could be decoded, or ``--output`` is a folder (or a name ending
+in ``/``) or an existing file (without ``--overwrite``). Runs as a single process (any number of
+local devices).
 """
 
 from __future__ import annotations
