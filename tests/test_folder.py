@@ -541,6 +541,22 @@ def test_bad_input_is_a_data_error_naming_file_and_fix(tmp_path, make, overrides
         assert needle in str(e.value), (needle, str(e.value))
 
 
+def test_paths_group_regex_does_not_match_are_listed_sorted_under_the_pattern_as_typed(tmp_path):
+    root = tmp_path / "root"
+    names = ["b/img.png", "a/P1_x.png", "a/scan.png", "b/P2_x.png"]  # the manifest's order
+    for seed, name in enumerate(names):
+        save_any(root / name, seed)
+    (root / "manifest.csv").write_text("path,label\n" + "".join(f"{n},{n[0]}\n" for n in names))
+    with pytest.raises(DataError) as e:
+        folder.load(data_config(root, group_regex=r"(P\d+)_"))
+    assert str(e.value) == (
+        rf"data.group_regex='(P\d+)_' finds no patient id in 2 image path(s) (matched against "
+        f"the path relative to {root}):\n  a/scan.png\n  b/img.png\nFix: change the expression "
+        "so that its first capture group matches every path, or give the ids in a manifest "
+        "group column."
+    )
+
+
 def test_all_damaged_files_are_listed_at_once(tmp_path):
     root = _truncated(tmp_path / "root")
     (root / "b" / "fake.png").write_text("nope")

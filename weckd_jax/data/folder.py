@@ -937,16 +937,18 @@ def _read_manifest(path: str, root: str) -> tuple[list[_Entry], bool]:
 
 
 def _regex_groups(entries: list[_Entry], pattern: str, root: str) -> list[_Entry]:
+    # The messages show the pattern as typed: repr would double its backslashes, unlike the
+    # examples of the fixes.
     try:
         regex = re.compile(pattern)
     except re.error as e:
         raise DataError(
-            f"data.group_regex={pattern!r} is not a valid regular expression ({e}). Fix: e.g. "
+            f"data.group_regex='{pattern}' is not a valid regular expression ({e}). Fix: e.g. "
             r"'(P\d+)_' takes 'P001' from 'glioma/P001_slice07.png'."
         ) from None
     if regex.groups < 1:
         raise DataError(
-            f"data.group_regex={pattern!r} has no capture group; its first group (...) is the "
+            f"data.group_regex='{pattern}' has no capture group; its first group (...) is the "
             r"patient id. Fix: e.g. '(P\d+)_' or '^[^/]+/([^/]+)/' (one folder per patient)."
         )
     out, unmatched = [], []
@@ -958,8 +960,9 @@ def _regex_groups(entries: list[_Entry], pattern: str, root: str) -> list[_Entry
             out.append(dataclasses.replace(e, group=m.group(1)))
     if unmatched:
         raise DataError(
-            f"data.group_regex={pattern!r} finds no patient id in {len(unmatched)} image "
-            f"path(s) (matched against the path relative to {root}):\n{_listing(unmatched)}\n"
+            f"data.group_regex='{pattern}' finds no patient id in {len(unmatched)} image "
+            f"path(s) (matched against the path relative to {root}):\n"
+            f"{_listing(sorted(unmatched))}\n"
             "Fix: change the expression so that its first capture group matches every path, or "
             "give the ids in a manifest group column."
         )
@@ -1039,7 +1042,7 @@ def load(data_config) -> ImageSet:
         entries, has_group = _read_manifest(manifest, root)
         if has_group and pattern:
             raise DataError(
-                f"both the manifest {manifest} (group column) and data.group_regex={pattern!r} "
+                f"both the manifest {manifest} (group column) and data.group_regex='{pattern}' "
                 "give patient ids. Fix: use one of them (set --config.data.group_regex='' to use "
                 "the manifest's groups)."
             )
