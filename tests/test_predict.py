@@ -228,20 +228,32 @@ def _copy_run(workdir: str, results: dict, to) -> str:
     return str(to)
 
 
-def test_checkpoint_with_other_classes_is_refused(smoke_run, images, tmp_path):
+@pytest.mark.parametrize("more", [False, True], ids=["fewer-names", "more-names"])
+def test_checkpoint_with_other_classes_is_refused_alike_by_predict_and_evaluate(
+    more, smoke_run, images, tmp_path, capsys
+):
+    # results.json naming other classes than the models output: with more names, evaluate used
+    # to write metrics under the wrong names.
     _, workdir, results = smoke_run
     _, paths, _ = images
     names = results["data"]["class_names"]
-    fewer = json.loads(json.dumps(results))
-    fewer["data"]["class_names"] = names[:3]
-    fake = _copy_run(workdir, fewer, tmp_path / "run")
-    with pytest.raises(predict.PredictError) as e:
-        predict.predict(fake, paths[:1])
-    final = os.path.join(fake, "checkpoints", "link_2", "final")
-    assert str(e.value).startswith(
-        f"the checkpoint {final} outputs {len(names)} classes but "
-        f"{os.path.join(fake, 'results.json')} names 3 ({', '.join(names[:3])})"
+    other = json.loads(json.dumps(results))
+    other["data"]["class_names"] = [*names, "extra"] if more else names[:3]
+    fake = tmp_path / "run"
+    shutil.copytree(workdir, fake, ignore=shutil.ignore_patterns("evaluations"))
+    (fake / "results.json").write_text(json.dumps(other))
+    final = fake / "checkpoints" / "link_1" / "final"  # evaluate restores link 1 first
+    message = (
+        f"the checkpoint {final} outputs {len(names)} classes but {fake / 'results.json'} names "
+        f"{len(other['data']['class_names'])} ({', '.join(other['data']['class_names'])}): they "
+        "are from different runs. Fix: point --workdir at the folder launch wrote, with its "
+        "results.json and checkpoints unchanged."
     )
+    assert evaluate.main(["evaluate", "--workdir", str(fake), "--config", SMOKE]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (fake / "evaluations").exists()
+    code, out, err = _run(["--workdir", str(fake), "--images", paths[0], "--link", "1"], capsys)
+    assert (code, out, err) == (2, "", f"error: {message} Or pick another --link.\n")
 
 
 def test_damaged_checkpoint_names_it_and_the_fix(smoke_run, images, tmp_path, capsys):
@@ -296,7 +308,9 @@ def test_a_missing_checkpoint_is_reported_alike_by_predict_and_evaluate(
     size, channels = results["data"]["image_size"], results["data"]["channels"]
     shape = (size, size, channels)
     with pytest.raises(checkpoints.CheckpointError) as e:
-        chain.restore_recorded(fake, results["links"][0], parallel.data_mesh(), shape)
+        chain.restore_recorded(
+            fake, results["links"][0], parallel.data_mesh(), shape, results["data"]["class_names"]
+        )
     assert str(e.value) == message
     code, out, err = _run(["--workdir", fake, "--images", paths[0], "--link", "1"], capsys)
     assert (code, out, err) == (2, "", f"error: {message} Or pick another --link.\n")

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -495,17 +495,22 @@ def restore_finished(
 
 
 def restore_recorded(
-    workdir: str, record: dict, mesh: jax.sharding.Mesh, image_shape: tuple[int, ...]
+    workdir: str,
+    record: dict,
+    mesh: jax.sharding.Mesh,
+    image_shape: tuple[int, ...],
+    class_names: Sequence[str],
 ) -> tuple[train.ModelSpec, dict[str, PyTree]]:
     """`restore_finished` for the model a ``results.json`` entry (``record``) reports, checked to
-    be that model: its final checkpoint must exist and its weights must have the record's
-    ``fingerprint`` (when it has one). The one check of a finished run's models, for every tool
-    that reads them (`weckd_jax.predict`, `weckd_jax.evaluate`).
+    be that model: its final checkpoint must exist, output one score per class of
+    ``class_names`` (``results.json``'s ``data.class_names``) and its weights must have the
+    record's ``fingerprint`` (when it has one). The one check of a finished run's models, for
+    every tool that reads them (`weckd_jax.predict`, `weckd_jax.evaluate`).
 
     Raises:
-      checkpoints.CheckpointError: the checkpoint is missing, cannot be read, or holds other
-        weights (copied from another run, or altered since), whose outputs would pass for the
-        reported model's.
+      checkpoints.CheckpointError: the checkpoint is missing, cannot be read, has another number
+        of classes, or holds other weights (copied from another run, or altered since), whose
+        outputs would pass for the reported model's.
     """
     name = record["name"]
     if not checkpoints.has_final(workdir, name):
@@ -516,6 +521,14 @@ def restore_recorded(
             "or point --workdir at the run folder that holds them."
         )
     spec, variables = restore_finished(workdir, name, mesh, image_shape)
+    if spec.num_classes != len(class_names):
+        # Column k of the outputs would be read as class_names[k]: every name would be wrong.
+        raise checkpoints.CheckpointError(
+            f"the checkpoint {checkpoints.final_dir(workdir, name)} outputs {spec.num_classes} "
+            f"classes but {os.path.join(workdir, 'results.json')} names {len(class_names)} "
+            f"({', '.join(class_names)}): they are from different runs. Fix: point --workdir at "
+            "the folder launch wrote, with its results.json and checkpoints unchanged."
+        )
     expected, found = record.get("fingerprint"), checkpoints.fingerprint(variables)
     if expected is not None and found != expected:
         raise checkpoints.CheckpointError(

@@ -19,10 +19,10 @@ Writes ``DIR/evaluations/<NAME>-<split>.json`` (``NAME``: the config file's name
 prints a table next to each model's test accuracy in the run. An existing file written with another
 config is never replaced (exit status 2: pass another ``--name``). The config's ``model`` and
 ``chain`` keys are replaced by the run's: the models come from its checkpoints, each checked to hold
-the weights ``results.json`` reports (their ``fingerprint``); these checks, and that of an existing
-output file's config, come before the data is loaded. When the data is the run's own (see
-`chain.data_record`), the output counts the evaluated images the run trained on or selected epochs
-on, and a note warns that such metrics are optimistic.
+the weights ``results.json`` reports (their ``fingerprint``) and to output one score per class it
+names; these checks, and that of an existing output file's config, come before the data is loaded.
+When the data is the run's own (see `chain.data_record`), the output counts the evaluated images
+the run trained on or selected epochs on, and a note warns that such metrics are optimistic.
 """
 
 from __future__ import annotations
@@ -229,8 +229,9 @@ def evaluate_workdir(
     # Everything the workdir alone can refuse is checked before the (possibly long) data load.
     _refuse_overwrite(path, config_json)
     mesh = parallel.data_mesh()
+    shape = (size, size, channels)
     restored = [
-        (model_name, record, *chain.restore_recorded(workdir, record, mesh, (size, size, channels)))
+        (model_name, record, *chain.restore_recorded(workdir, record, mesh, shape, trained_names))
         for model_name, record in models
     ]
 

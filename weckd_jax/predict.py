@@ -191,19 +191,10 @@ def _restore(
     """`chain.restore_recorded`, with a missing or damaged checkpoint, one that is not the
     reported model, or one of a run with other classes, as a `PredictError`."""
 
-    final = checkpoints.final_dir(workdir, record["name"])
     try:
-        spec, variables = chain.restore_recorded(workdir, record, mesh, image_shape)
+        return chain.restore_recorded(workdir, record, mesh, image_shape, class_names)
     except checkpoints.CheckpointError as e:
         raise PredictError(f"{e} Or pick another --link.") from None
-    if spec.num_classes != len(class_names):
-        raise PredictError(
-            f"the checkpoint {final} outputs {spec.num_classes} classes but "
-            f"{os.path.join(workdir, 'results.json')} names {len(class_names)} "
-            f"({', '.join(class_names)}): they are from different runs. Point --workdir at the "
-            "folder launch wrote, with its results.json and checkpoints unchanged"
-        )
-    return spec, variables
 
 
 def _batch_size(workdir: str, requested: int | None) -> int:
