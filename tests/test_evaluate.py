@@ -12,7 +12,9 @@ import pytest
 
 from tests.conftest import REPO
 from weckd_jax import chain, checkpoints, evaluate
+from weckd_jax import config as config_lib
 from weckd_jax import data as data_lib
+from weckd_jax.config import base_config
 
 
 def test_overlap_with_the_run_is_counted_from_its_own_splits(smoke_run):
@@ -66,6 +68,45 @@ def test_an_evaluation_with_another_config_is_not_overwritten(smoke_run):
     kept = evaluate.evaluate_workdir(workdir, other, split="all", name="hospital-b")
     assert kept["data"]["same_data_as_run"] is False and kept["data"]["in_run_train_pool"] is None
     assert os.path.isfile(first["path"]) and os.path.isfile(kept["path"])
+
+
+def test_split_fractions_may_change_over_an_evaluation_of_all_images_only(smoke_run):
+    # --split all evaluates every image whatever the split fractions; another split's images
+    # depend on them.
+    config, workdir, _ = smoke_run
+    other = config.copy_and_resolve_references()
+    with other.unlocked():
+        other.data.val_fraction, other.data.test_fraction = 0.25, 0.3
+    first = evaluate.evaluate_workdir(workdir, config, split="all", name="fractions")
+    evaluate.evaluate_workdir(workdir, config, split="test", name="fractions")
+    again = evaluate.evaluate_workdir(workdir, other, split="all", name="fractions")
+    assert again["links"] == first["links"] and again["data"] == first["data"]
+    with open(again["path"]) as f:
+        assert json.load(f)["config"]["data"]["test_fraction"] == 0.3
+    with pytest.raises(evaluate.EvaluateError, match=r"data.test_fraction: 0.2 -> 0.3.*--name"):
+        evaluate.evaluate_workdir(workdir, other, split="test", name="fractions")
+
+
+@pytest.mark.parametrize("source", ["folder", "synthetic"])
+def test_the_seed_may_change_over_an_evaluation_of_all_images_unless_it_makes_them(
+    source, tmp_path
+):
+    # Folder (and TFDS) images are the same whatever the seed; synthetic ones are generated
+    # from it.
+    config = base_config()
+    config.data.source = source
+    saved = config_lib.as_json(config)
+    path = tmp_path / "site-all.json"
+    path.write_text(json.dumps({"config": saved}))
+    with config.unlocked():
+        config.seed = 1
+    now = config_lib.as_json(config)
+    for split in ("all", "test"):
+        if split == "all" and source == "folder":
+            evaluate._refuse_overwrite(str(path), now, split)
+        else:
+            with pytest.raises(evaluate.EvaluateError, match=r"seed: 0 -> 1"):
+                evaluate._refuse_overwrite(str(path), now, split)
 
 
 @pytest.mark.parametrize("name", ["../outside", "sub/name", "..", ""])

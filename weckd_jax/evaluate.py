@@ -17,7 +17,9 @@ data may hold fewer classes, in any order); otherwise the command stops with exi
 Writes ``DIR/evaluations/<NAME>-<split>.json`` (``NAME``: the config file's name without ``.py`` and
 ``:ARG``) with one `weckd_jax.metrics.classification_metrics` dict per model under ``metrics``, and
 prints a table next to each model's test accuracy in the run. An existing file written with another
-config is never replaced (exit status 2: pass another ``--name``). The config's ``model`` and
+config is never replaced (exit status 2: pass another ``--name``); for ``--split all`` the keys
+that only choose the splits (``data.val_fraction``, ``data.test_fraction``, and ``seed`` unless
+the data is synthetic) may differ, as they change no image evaluated. The config's ``model`` and
 ``chain`` keys are replaced by the run's: the models come from its checkpoints, each checked to hold
 the weights ``results.json`` reports (their ``fingerprint``) and to output one score per class it
 names; these checks, and that of an existing output file's config, come before the data is loaded.
@@ -147,14 +149,29 @@ def _overlap(
     }, None
 
 
-def _refuse_overwrite(path: str, config_json: dict, examples: str | None = None) -> None:
-    """Refuses to replace an evaluation made with another config (e.g. another hospital's data
-    under the same config file name) or on other examples (the folder changed since); with
-    ``examples=None`` (the data not loaded yet) only the config is compared."""
+def _split_keys(config_json: dict) -> set[str]:
+    """The keys of ``config_json`` (`weckd_jax.config.as_json`) that choose which images each
+    split holds, not which images the data has: the split fractions, and the seed unless it
+    generates the images (synthetic data)."""
+    keys = {"data.val_fraction", "data.test_fraction"}
+    return keys if config_json["data"]["source"] == "synthetic" else keys | {"seed"}
+
+
+def _refuse_overwrite(
+    path: str, config_json: dict, split: str, examples: str | None = None
+) -> None:
+    """Refuses to replace an evaluation of ``split`` made with another config (e.g. another
+    hospital's data under the same config file name) or on other examples (the folder changed
+    since); with ``examples=None`` (the data not loaded yet) only the config is compared. For
+    ``all``, the `_split_keys` may differ: every image is evaluated whatever the splits."""
     existing = files.read_json(path)
     if existing is None:
         return
-    changed = config_lib.differences(existing.get("config", {}), config_json)
+    saved = existing.get("config", {})
+    keys = config_lib.differing_keys(saved, config_json)
+    if split == "all":
+        keys = [k for k in keys if k not in _split_keys(config_json)]
+    changed = config_lib.differences(saved, config_json, keys)
     if examples is not None and existing.get("data", {}).get("examples", examples) != examples:
         changed.append("the images, labels or groups of the data")
     if changed:
@@ -227,7 +244,7 @@ def evaluate_workdir(
     path = os.path.join(workdir, "evaluations", f"{name}-{split}.json")
     config_json = config_lib.as_json(config)
     # Everything the workdir alone can refuse is checked before the (possibly long) data load.
-    _refuse_overwrite(path, config_json)
+    _refuse_overwrite(path, config_json, split)
     mesh = parallel.data_mesh()
     shape = (size, size, channels)
     restored = [
@@ -248,7 +265,7 @@ def evaluate_workdir(
     if len(index) == 0:
         raise EvaluateError(f"the {split} split of {name} is empty")
     digests = chain.data_record(data)
-    _refuse_overwrite(path, config_json, digests["examples"])
+    _refuse_overwrite(path, config_json, split, digests["examples"])
     overlap, overlap_note = _overlap(workdir, run_config, config_json, data, index, digests)
     # The new data in the trained class order: probabilities column k = trained class k.
     labels = label_map[data.labels]
