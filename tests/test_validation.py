@@ -2,6 +2,7 @@
 naming the key and the fix; divergence stops a link with link, epoch and step named."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -309,6 +310,38 @@ def test_every_tool_reports_a_bad_config_file_or_key_in_one_line(tmp_path):
         assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
         assert message in stderr, (args, stderr)
     assert sorted(os.listdir(tmp_path)) == ["a_file", "no_get.py"]  # nothing was written
+
+
+HELP_FLAGS = {  # every flag each tool takes
+    "launch": ["config", "workdir", "coordinator", "num_processes", "process_id"],
+    "tune": ["config", "workdir", "trials", "evaluate_best"],
+    "bench": ["config", "json", "overwrite", "repeats", "steps"],
+    "evaluate": ["config", "workdir", "split", "name"],
+    "predict": ["workdir", "images", "link", "output", "overwrite", "batch_size"],
+}
+
+
+def test_help_lists_every_flag_of_each_tool_with_a_description():
+    # absl's --help lists only the flags of the module run as the program: not --config
+    # (defined in weckd_jax.cli), nor tune's (defined in weckd_jax.tune from its __main__).
+    procs = {
+        tool: subprocess.Popen(
+            [sys.executable, "-m", f"weckd_jax.{tool}", "--help"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for tool in HELP_FLAGS
+    }
+    for tool, proc in procs.items():
+        out, _ = proc.communicate(timeout=300)
+        # The listing after the usage text (which names some flags too): absl's, or argparse's.
+        out = re.split(r"(?m)^(?:flags|options):$", out)[-1]
+        for name in HELP_FLAGS[tool]:
+            # absl: "  --name: text" (booleans "--[no]name"); argparse: "  --name NAME  text".
+            listed = rf"(?m)^  --(\[no\])?{name}(: | [A-Z_]+\s+|\s+)[a-zA-Z(<]"
+            assert re.search(listed, out), (tool, name, out)
 
 
 def test_a_launch_in_a_workdir_another_process_runs_in_stops_in_one_line(tmp_path):

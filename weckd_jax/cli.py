@@ -177,13 +177,28 @@ def define_config_file(default: str):
     except config_lib.ConfigError as e:
         fail(str(e))
     return config_flags.DEFINE_config_file(
-        "config", default, "Config file with get_config().", lock_config=True
+        "config",
+        default,
+        "Config file with get_config(); override keys as --config.KEY=VALUE.",
+        lock_config=True,
     )
+
+
+def _list_own_flags_in_help() -> None:
+    """Makes ``--help`` list every flag a weckd_jax module defined: absl lists only the flags of
+    the module run as the program, which leaves out ``--config`` (defined here) and the flags
+    `weckd_jax.tune` defines when its ``__main__`` calls it."""
+    for module, defined in flags.FLAGS.flags_by_module_dict().items():
+        if module.startswith("weckd_jax."):
+            for flag in defined:
+                flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing (for ``app.run(main, flags_parser=parse_flags)``), with a bad config file
-    and an override naming no key of the config reported in one line, before absl reads them."""
+    and an override naming no key of the config reported in one line, before absl reads them;
+    ``--help`` lists every flag of the tool."""
+    _list_own_flags_in_help()
     if "config" in flags.FLAGS:
         try:
             config = load_config_arg(argv)

@@ -370,12 +370,12 @@ def _flags(argv: list[str]):
     config_flags.DEFINE_config_file(
         "config",
         None,
-        "Config file naming the data to evaluate on.",
+        "Config file naming the data to evaluate on (required).",
         flag_values=values,
         lock_config=True,
         sys_argv=argv,  # the overrides are found in argv (sys.argv when run in-process otherwise)
     )
-    flags.DEFINE_string("workdir", None, "The trained run's folder.", flag_values=values)
+    flags.DEFINE_string("workdir", None, "The trained run's folder (required).", flag_values=values)
     flags.DEFINE_enum(
         "split", "test", list(SPLITS), "Which images of the data.", flag_values=values
     )
@@ -395,10 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     ops.configure_cpu_flags()  # before JAX starts a backend
     cli.keep_interrupts()
     argv = cli.expand_home(sys.argv if argv is None else argv, ("config", "workdir"))
-    if HELP_FLAGS & set(argv[1:]):  # as launch, tune and bench answer them (absl's app.run)
-        print(__doc__)
-        return 0
     values = _flags(argv)
+    if HELP_FLAGS & set(argv[1:]):  # as launch, tune and bench answer them (absl's app.run)
+        print(f"{__doc__}\nflags:\n{values.get_help(include_special_flags=False)}")
+        return 0
 
     def fail(message: str) -> int:
         print(f"error: {message}", file=sys.stderr)

@@ -334,7 +334,10 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace the --output file if it exists"
     )
     parser.add_argument(
-        "--batch_size", type=int, default=None, help="default: the run's train.eval_batch_size"
+        "--batch_size",
+        type=int,
+        default=None,
+        help="images per batch (default: the run's train.eval_batch_size)",
     )
     return parser
 
