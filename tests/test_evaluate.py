@@ -203,6 +203,40 @@ def test_changed_data_under_the_run_config_is_flagged_not_counted(smoke_run):
 
 
 @pytest.mark.parametrize(
+    "source, key, value",
+    [("synthetic", "data.test_fraction", 0.5), ("folder", "seed", 1)],
+    ids=["fraction", "seed-of-a-folder"],
+)
+def test_keys_that_only_choose_splits_do_not_hide_the_overlap_with_the_run(
+    source, key, value, smoke_run
+):
+    # The run's images decoded with other rounding (another CPU or Pillow), evaluated with another
+    # split of them: the same images, which the run's own splits count. (A folder's images are the
+    # same whatever the seed; the smoke run's images stand in for a folder's.)
+    config, workdir, _ = smoke_run
+    with open(os.path.join(workdir, "config.json")) as f:
+        run_config = json.load(f)
+    run_config["data"]["source"] = source
+    other = json.loads(json.dumps(run_config))
+    section, name = key.split(".") if "." in key else (None, key)
+    (other[section] if section else other)[name] = value
+    data = data_lib.load(config.data, seed=config.seed)
+    images = data.images.copy()
+    images[0, 0, 0, 0] ^= 1
+    repixelled = dataclasses.replace(data, images=images)
+    index = np.arange(len(data))
+    record, _ = evaluate._overlap(
+        workdir, run_config, other, repixelled, index, chain.data_record(repixelled)
+    )
+    splits = chain.make_run_splits(config, data)
+    assert record == {
+        "same_data_as_run": True,
+        "in_run_train_pool": len(splits.train),
+        "in_run_val": len(splits.val),
+    }
+
+
+@pytest.mark.parametrize(
     "splits, note_says",
     [
         # As if an older version had cut the same data into other splits.

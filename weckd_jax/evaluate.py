@@ -88,6 +88,14 @@ def _label_map(trained: list[str], new: tuple[str, ...], source: str) -> np.ndar
     return np.array([trained.index(n) for n in new], np.int64)
 
 
+def _split_keys(config_json: dict) -> set[str]:
+    """The keys of ``config_json`` (`weckd_jax.config.as_json`) that choose which images each
+    split holds, not which images the data has: the split fractions, and the seed unless it
+    generates the images (synthetic data)."""
+    keys = {"data.val_fraction", "data.test_fraction"}
+    return keys if config_json["data"]["source"] == "synthetic" else keys | {"seed"}
+
+
 def _overlap(
     workdir: str, run_config: dict | None, config_json: dict, data, index: np.ndarray, digests: dict
 ):
@@ -110,10 +118,13 @@ def _overlap(
             "predates them), so whether these images overlap its training and validation images "
             "is unknown"
         )
-    ignored = ("image_size", "channels", "cache_dir")  # set by evaluate, or no effect
 
-    def source(c: dict) -> tuple:
-        return c["seed"], {k: v for k, v in c["data"].items() if k not in ignored}
+    def source(c: dict) -> dict:
+        # Not the keys evaluate sets or that change nothing, nor those that only choose splits:
+        # the run's own splits are counted.
+        ignored = {"data.image_size", "data.channels", "data.cache_dir", *_split_keys(c)}
+        keys = {"seed": c["seed"], **{f"data.{k}": v for k, v in c["data"].items()}}
+        return {k: v for k, v in keys.items() if k not in ignored}
 
     same_source = source(run_config) == source(config_json)
     other = {**unknown, "same_data_as_run": False}
@@ -147,14 +158,6 @@ def _overlap(
         "in_run_train_pool": int(np.isin(index, splits.train).sum()),
         "in_run_val": int(np.isin(index, splits.val).sum()),
     }, None
-
-
-def _split_keys(config_json: dict) -> set[str]:
-    """The keys of ``config_json`` (`weckd_jax.config.as_json`) that choose which images each
-    split holds, not which images the data has: the split fractions, and the seed unless it
-    generates the images (synthetic data)."""
-    keys = {"data.val_fraction", "data.test_fraction"}
-    return keys if config_json["data"]["source"] == "synthetic" else keys | {"seed"}
 
 
 def _refuse_overwrite(
