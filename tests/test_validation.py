@@ -572,3 +572,24 @@ def test_a_ctrl_c_lost_in_a_gc_callback_is_delivered_again():
     )
     out = run_python("-c", code, timeout=300)
     assert out.stdout.split() == ["one", "hook", "delivered"], out.stderr[-2000:]
+
+
+def test_launch_tune_and_bench_expand_a_leading_tilde_in_their_path_flags(tmp_path, monkeypatch):
+    # In --flag=~/x (and after the colon of FILE:ARG) the shell leaves ~ as typed.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "afile").write_text("")
+    home = str(tmp_path)
+    cases = [
+        (["launch", "--config", "configs/smoke.py", "--workdir=~/afile"],
+         f"error: --workdir {home}/afile is a file or a broken link, not a folder"),
+        (["bench", "--config", "configs/smoke.py", "--json=~/afile"],
+         f"error: --json {home}/afile already exists"),
+        (["tune", "--config=~/missing.py", "--workdir=~/t", "--trials=1"],
+         f"error: config file {home}/missing.py does not exist"),
+        (["launch", "--config", "configs/from_run.py:~/gone"],
+         f"error: configs/from_run.py:{home}/gone: {home}/gone does not exist"),
+    ]  # fmt: skip
+    for (tool, *args), start in cases:
+        out = run_python("-m", f"weckd_jax.{tool}", *args)
+        assert out.returncode == 2 and out.stderr.startswith(start), (tool, out.stderr)
+    assert not os.path.exists(os.path.join(REPO, "~"))  # no folder named ~ made where it ran

@@ -89,6 +89,9 @@ def _flag_values(argv: list[str], name: str) -> list[tuple[int, str, str]]:
     return found
 
 
+PATH_FLAGS = ("config", "workdir", "json")  # the path flags of launch, tune and bench
+
+
 def expand_home(argv: list[str], names: tuple[str, ...]) -> list[str]:
     """``argv`` with a leading ``~`` of the values of the path flags ``names`` expanded
     (`os.path.expanduser`, as ``data.root`` is): a shell expands ``~`` only at the start of a
@@ -197,8 +200,9 @@ def _list_own_flags_in_help() -> None:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing (for ``app.run(main, flags_parser=parse_flags)``), with a bad config file
     and an override naming no key of the config reported in one line, before absl reads them;
-    ``--help`` lists every flag of the tool."""
+    ``--help`` lists every flag of the tool; a leading ``~`` of a path flag is expanded."""
     _list_own_flags_in_help()
+    argv = expand_home(argv, PATH_FLAGS)
     if "config" in flags.FLAGS:
         try:
             config = load_config_arg(argv)

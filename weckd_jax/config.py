@@ -562,6 +562,7 @@ def from_run(folder: str) -> ml_collections.ConfigDict:
         types that differ).
     """
     fix = "give the folder of a run or a search, e.g. --config configs/from_run.py:runs/NAME"
+    folder = os.path.expanduser(folder)  # the shell leaves ~ after the colon as typed
     if not folder:
         raise ConfigError(f"configs/from_run.py needs the folder whose config to use; {fix}")
     if not os.path.isdir(folder):
