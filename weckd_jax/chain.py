@@ -178,12 +178,14 @@ def plan_teacher_caches(
     specs = {job.name: job.spec for job in jobs}
     step_cfg = step_config(config)
     limit_gb = config.distill.teacher_cache_max_gb
-    cached, notes = set(), []
+    cached, notes, sizes = set(), [], {}
     for job in jobs:
         if not job.teachers or job.name in done:
             continue
         teachers = tuple(specs[name] for name in job.teachers)
-        per_image = train.teacher_output_bytes(teachers, step_cfg, image_shape)
+        if teachers not in sizes:  # traced once per set of teachers (links share theirs' shapes)
+            sizes[teachers] = train.teacher_output_bytes(teachers, step_cfg, image_shape)
+        per_image = sizes[teachers]
         size = per_image * len(job.train_index)
         if size <= limit_gb * 1e9:
             cached.add(job.name)
@@ -513,27 +515,27 @@ def restore_recorded(
         outputs would pass for the reported model's.
     """
     name = record["name"]
+    final = checkpoints.final_dir(workdir, name)
     if not checkpoints.has_final(workdir, name):
         raise checkpoints.CheckpointError(
-            f"{workdir} has no final checkpoint for {name} "
-            f"({checkpoints.final_dir(workdir, name)}), which its results.json reports: the "
-            f"checkpoints were moved or deleted. Fix: put the run's own checkpoints/{name} back, "
-            "or point --workdir at the run folder that holds them."
+            f"{workdir} has no final checkpoint for {name} ({final}), which its results.json "
+            "reports: the checkpoints were moved or deleted. Fix: put the run's own "
+            f"checkpoints/{name} back, or point --workdir at the run folder that holds them."
         )
     spec, variables = restore_finished(workdir, name, mesh, image_shape)
     if spec.num_classes != len(class_names):
         # Column k of the outputs would be read as class_names[k]: every name would be wrong.
         raise checkpoints.CheckpointError(
-            f"the checkpoint {checkpoints.final_dir(workdir, name)} outputs {spec.num_classes} "
-            f"classes but {os.path.join(workdir, 'results.json')} names {len(class_names)} "
+            f"the checkpoint {final} outputs {spec.num_classes} classes but "
+            f"{os.path.join(workdir, 'results.json')} names {len(class_names)} "
             f"({', '.join(class_names)}): they are from different runs. Fix: point --workdir at "
             "the folder launch wrote, with its results.json and checkpoints unchanged."
         )
     expected, found = record.get("fingerprint"), checkpoints.fingerprint(variables)
     if expected is not None and found != expected:
         raise checkpoints.CheckpointError(
-            f"the final checkpoint of {name} ({checkpoints.final_dir(workdir, name)}) holds other "
-            f"weights than the {name} that {os.path.join(workdir, 'results.json')} reports "
+            f"the final checkpoint of {name} ({final}) holds other weights than the {name} "
+            f"that {os.path.join(workdir, 'results.json')} reports "
             f"(fingerprint {found[:12]}, reported {expected[:12]}): it was replaced or altered "
             f"after the run finished. Fix: put the run's own checkpoints/{name} back, or point "
             "--workdir at the run these checkpoints come from."
