@@ -597,7 +597,8 @@ def from_run(folder: str) -> ml_collections.ConfigDict:
             "and keys); restore it, or give the config file and overrides that started the run"
         )
     other_version = "it was written by another version of weckd_jax; use that version"
-    saved, defaults = dict(_leaves(record)), dict(_leaves(base_config()))
+    config = base_config()
+    saved, defaults = dict(_leaves(record)), dict(_leaves(config))
     if unknown := [key for key in saved if key not in defaults]:
         raise ConfigError(
             f"{path} sets {', '.join(unknown)}, which this version's config does not have: "
@@ -609,7 +610,6 @@ def from_run(folder: str) -> ml_collections.ConfigDict:
             "weckd_jax, and this version's defaults for them need not give that run's numbers; "
             "use the version that wrote it"
         )
-    config = base_config()
     try:
         config.update_from_flattened_dict(saved)
     except TypeError as e:

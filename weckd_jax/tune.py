@@ -700,7 +700,7 @@ def main_cli() -> None:
     `config.validate` import this module)."""
     from absl import app, flags, logging
 
-    from weckd_jax import checkpoints, cli, files
+    from weckd_jax import checkpoints, cli
     from weckd_jax.data import DataError
     from weckd_jax.data.splits import SplitError
 
