@@ -336,6 +336,7 @@ def test_help_lists_every_flag_of_each_tool_with_a_description():
     }
     for tool, proc in procs.items():
         out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (tool, out)  # asking for help is no error
         # The listing after the usage text (which names some flags too): absl's, or argparse's.
         out = re.split(r"(?m)^(?:flags|options):$", out)[-1]
         for name in HELP_FLAGS[tool]:

@@ -200,7 +200,8 @@ def _list_own_flags_in_help() -> None:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing (for ``app.run(main, flags_parser=parse_flags)``), with a bad config file
     and an override naming no key of the config reported in one line, before absl reads them;
-    ``--help`` lists every flag of the tool; a leading ``~`` of a path flag is expanded."""
+    ``--help`` lists every flag of the tool and exits with 0; a leading ``~`` of a path flag is
+    expanded."""
     _list_own_flags_in_help()
     argv = expand_home(argv, PATH_FLAGS)
     if "config" in flags.FLAGS:
@@ -214,10 +215,25 @@ def parse_flags(argv: list[str]) -> list[str]:
             fail(problem)
     try:
         return flags.FLAGS(argv)
+    except SystemExit as e:
+        # absl's --help, --helpfull and --helpxml print what was asked for and exit with status
+        # 1; asking for help is no error (evaluate and predict, on argparse, exit with 0).
+        if e.code == 1 and _asks_for_help(argv):
+            sys.exit(0)
+        raise
     except (AttributeError, KeyError) as e:  # what the checks above did not foresee
         fail(f"unknown config key in a --config.KEY override: {_one_line(e)}")
     except flags.Error as e:
         fail(flag_error(e))
+
+
+_HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
+def _asks_for_help(argv: list[str]) -> bool:
+    """Whether ``argv`` holds one of absl's help flags (``--help``, ``-?``, ``--helpfull``, ...)."""
+    names = (arg.lstrip("-").split("=")[0] for arg in _args(argv) if arg.startswith("-"))
+    return any(name in _HELP_FLAGS for name in names)
 
 
 def flag_error(error: flags.Error) -> str:
