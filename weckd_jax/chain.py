@@ -765,6 +765,32 @@ def bind_workdir(config, workdir: str, data: ImageSet, splits: Splits, writer: b
     return warning
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """What `prepare` gives a run or a search: its checked data and splits, its jobs, the names
+    of the jobs that cache their teachers' outputs (and a note per job whose cache is too big),
+    and `bind_workdir`'s warning, if any."""
+
+    data: ImageSet
+    splits: Splits
+    jobs: list[Job]
+    cached: frozenset[str]
+    cache_notes: list[str]
+    warning: str | None
+
+
+def prepare(config, workdir: str, writer: bool) -> Prepared:
+    """Loads and checks the data, plans the jobs and their teacher caches, then binds
+    ``workdir``: a config, data or cache size refused before the binding leaves the workdir free
+    for the corrected command. Jobs already finished in ``workdir`` need no cache."""
+    data, splits = load_checked(config)
+    jobs = plan_jobs(config, splits, data.num_classes)
+    done = frozenset(job.name for job in jobs if _finished(workdir, job.name))
+    cached, notes = plan_teacher_caches(config, jobs, data.images.shape[1:], done)
+    warning = bind_workdir(config, workdir, data, splits, writer)
+    return Prepared(data, splits, jobs, cached, notes, warning)
+
+
 def _what_differs(saved: dict, now: dict) -> str:
     """How two `data_record`s with different examples differ, for a message."""
     if saved.get("images") != now["images"]:
@@ -834,16 +860,12 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
     check_workdir(config, workdir)  # before loading any data
 
     with timer("data"):
-        data, splits = load_checked(config)
-        jobs = plan_jobs(config, splits, data.num_classes)
-        # Before the binding: a cache refused for its size can be corrected with the same workdir.
-        done = frozenset(job.name for job in jobs if _finished(workdir, job.name))
-        cached, cache_notes = plan_teacher_caches(config, jobs, data.images.shape[1:], done)
-        warning = bind_workdir(config, workdir, data, splits, writer)
-    if warning:
-        progress.print(warning)
+        prepared = prepare(config, workdir, writer)
+    data, splits, jobs = prepared.data, prepared.splits, prepared.jobs
+    if prepared.warning:
+        progress.print(prepared.warning)
     report.print_data_summary(progress, data, splits)
-    for note in cache_notes:
+    for note in prepared.cache_notes:
         progress.print(note)
     mesh = parallel.data_mesh()
     if config.baselines.one_step_kd and not runs_one_step_kd(config):
@@ -875,7 +897,7 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
                 progress=progress,
                 timer=timer,
                 metrics_log=metrics_log,
-                cache_teacher=job.name in cached,
+                cache_teacher=job.name in prepared.cached,
                 on_epoch=on_epoch,
             )
         # The test split is touched once per model, on the weights as saved on disk.

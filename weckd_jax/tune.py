@@ -581,14 +581,10 @@ def run(
     from weckd_jax import chain
 
     check_study_dir(config, workdir)
-    # The study is bound to its config and its data (config.json, data.json) once the data has
-    # passed its checks, as a run is: every trial then trains on the same examples.
-    data, splits = chain.load_checked(config)
-    # A forced teacher cache over distill.teacher_cache_max_gb is refused before the binding,
-    # as a run refuses it: the study's config could otherwise not be corrected in this folder.
-    jobs = chain.plan_jobs(config, splits, data.num_classes)
-    chain.plan_teacher_caches(config, jobs, data.images.shape[1:])
-    warning = chain.bind_workdir(config, workdir, data, splits, writer=True)
+    # The study is bound to its config and its data (config.json, data.json) as a run is, once
+    # the data and the teacher caches' sizes have passed their checks: every trial then trains on
+    # the same examples. Each trial plans its own caches (and prints their notes).
+    warning = chain.prepare(config, workdir, writer=True).warning
     if warning:
         say(warning)
     # Our own lines report trials; a failing trial's error is raised (and reported) by us.
