@@ -426,6 +426,21 @@ def test_a_forced_teacher_cache_over_its_limit_is_refused_before_the_study_is_bo
     assert not workdir.exists() or os.listdir(workdir) == []
 
 
+def test_a_search_in_the_folder_of_a_run_stopped_before_its_first_checkpoint_is_refused(
+    tmp_path, monkeypatch
+):
+    # The run bound the folder (config.json, data.json), then stopped before any checkpoint.
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chain, "train_job", stop)
+    with pytest.raises(KeyboardInterrupt):
+        chain.run(search_config(), str(tmp_path), Progress(enabled=False))
+    assert {"config.json", "data.json"} <= set(os.listdir(tmp_path))
+    with pytest.raises(config_lib.ConfigError, match=r"holds a run of launch \(its jobs/ folder"):
+        tune.check_study_dir(search_config(), str(tmp_path))
+
+
 def test_a_search_in_a_folder_of_images_is_refused(tmp_path):
     images = tmp_path / "images"
     (images / "normal").mkdir(parents=True)

@@ -861,6 +861,8 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
 
     with timer("data"):
         prepared = prepare(config, workdir, writer)
+    if writer:  # marks the folder as a run's from its binding on (workdirs.launch_run_sign)
+        os.makedirs(_jobs_dir(workdir), exist_ok=True)
     data, splits, jobs = prepared.data, prepared.splits, prepared.jobs
     if prepared.warning:
         progress.print(prepared.warning)
@@ -969,9 +971,14 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
     return results
 
 
+def _jobs_dir(workdir: str) -> str:
+    """``jobs/``: the finished jobs' records; made as the run binds its folder."""
+    return os.path.join(workdir, "jobs")
+
+
 def _record_path(workdir: str, name: str) -> str:
     """``jobs/<name>.json``: the record of a finished job, reloaded by a rerun."""
-    return os.path.join(workdir, "jobs", f"{name}.json")
+    return os.path.join(_jobs_dir(workdir), f"{name}.json")
 
 
 def _finished(workdir: str, name: str) -> bool:

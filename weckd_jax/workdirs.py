@@ -42,10 +42,10 @@ def seed_names(workdir: str) -> list[str]:
 
 def launch_run_sign(workdir: str) -> str | None:
     """What shows that ``workdir`` holds a run of ``launch``, in words (``"a run of launch (its
-    jobs/ folder)"``), or None. The signs: ``jobs/`` (a link finished), ``checkpoints/`` (a run
-    stopped in its first link), and a ``seed_<s>/`` folder (a multi-seed experiment, from the
-    moment its first seed starts: the experiment's own ``config.json`` comes only once that seed
-    has finished)."""
+    jobs/ folder)"``), or None. The signs: ``jobs/`` (made as a run binds its folder to its
+    config and data, before its first link trains), ``checkpoints/``, and a ``seed_<s>/``
+    folder (a multi-seed experiment, from the moment its first seed starts: the experiment's own
+    ``config.json`` comes only once that seed has finished)."""
     for name in ("jobs", "checkpoints"):
         if os.path.isdir(os.path.join(workdir, name)):
             return f"a run of launch (its {name}/ folder)"
