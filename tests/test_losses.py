@@ -1062,6 +1062,44 @@ ERRORS = [
         _w(teacher_logits=T2, student_features=[F2[..., 0]], teacher_features=[F2], beta=1.0),
         "NHWC",
     ),
+    # Not arrays at all (None, a string, a ragged list): the argument is named, not JAX's
+    # "None is not a valid value for jnp.array".
+    ("ce logits None", lambda: cross_entropy(None, Y2), r"logits must be an array .*got None"),
+    ("ce labels None", lambda: cross_entropy(S2, None), r"labels must be .* \(2,\), got None"),
+    ("ce labels ragged", lambda: cross_entropy(S2, [0, [1]]), "labels must be .* got a list"),
+    ("kd teacher str", lambda: kd_kl(S2, "t", temperature=1.0), "teacher_logits .* got a str"),
+    ("multi None", lambda: kd_kl_multi(S2, None, temperature=1.0), "teacher_logits_seq must"),
+    ("multi teacher None", lambda: kd_kl_multi(S2, [T2, None], temperature=1.0), "got None"),
+    (
+        "multi w None",
+        lambda: kd_kl_multi(S2, [T2] * 2, temperature=1.0, weights=[1.0, None]),
+        "weights must be 2 non-negative weights",
+    ),
+    ("map None", lambda: attention_map(None), "features must be an NHWC .*got None"),
+    ("pool None", lambda: attention_pool(None), "features must be an NHWC .*got None"),
+    ("at None", lambda: attention_transfer(F2, None), "teacher_features must be .*got None"),
+    ("mean None", lambda: masked_mean(None), "values must be .*got None"),
+    ("mean where str", lambda: masked_mean(np.zeros(2), "ab"), "where must be .*got a str"),
+    (
+        "w mask None",
+        lambda: weckd_loss(S2, Y2, label_mask=None),
+        r"label_mask must be a boolean mask of the batch shape \(2,\), got None",
+    ),
+    (
+        "w student features None",
+        _w(teacher_logits=T2, student_features=None, teacher_features=[F2], beta=1.0),
+        r"student_features must be a sequence .*got None",
+    ),
+    (
+        "w teacher stage None",
+        _w(teacher_logits=T2, student_features=[F2], teacher_features=[None], beta=1.0),
+        "teacher_features must be an NHWC .*got None",
+    ),
+    (
+        "schedule step None",
+        lambda: temperature_schedule("linear", t_max=2.0, t_min=1.0, total_steps=4)(None),
+        "step must be a Python int or a scalar array, got None",
+    ),
 ]
 
 

@@ -87,6 +87,28 @@ def _shape(x: Any) -> tuple[int, ...]:
     return () if isinstance(x, int | float | complex) else tuple(jnp.asarray(x).shape)
 
 
+def _describe(x: Any) -> str:
+    """What a bad argument is, for error messages: ``None``, an array's shape, or its type."""
+    if x is None:
+        return "None"
+    if hasattr(x, "shape"):
+        return f"an array of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
+
+
+def _check_array(name: str, x: Any, expected: str) -> None:
+    """`ValueError` naming ``name`` unless ``x`` is an array, a number or a nested list of them.
+
+    JAX's own errors for ``None``, a string or a ragged list name no argument.
+    """
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return
+    try:
+        jnp.asarray(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {expected}, got {_describe(x)}.") from None
+
+
 def _concrete(x: Any) -> float | None:
     """``float(x)`` when ``x`` is a concrete scalar, ``None`` when it is traced."""
     try:
@@ -125,6 +147,7 @@ def _check_temperature(temperature: ScalarLike) -> None:
 
 
 def _check_logits(name: str, logits: jax.Array) -> None:
+    _check_array(name, logits, "an array of shape [B, K] (batch, classes)")
     if jnp.ndim(logits) < 1:
         raise ValueError(
             f"{name} must have shape [B, K] (batch, classes), got a scalar. Pass one row of "
@@ -140,6 +163,7 @@ def _check_logits(name: str, logits: jax.Array) -> None:
 
 def _check_mask(name: str, mask: Any, batch_shape: tuple[int, ...]) -> None:
     """A boolean array (or nested list of bools) of ``batch_shape``."""
+    _check_array(name, mask, f"a boolean mask of the batch shape {batch_shape}")
     if _shape(mask) != batch_shape:
         raise ValueError(
             f"{name} must be a boolean mask of the batch shape {batch_shape}, got shape "
@@ -258,6 +282,7 @@ def cross_entropy(
 
 def _check_labels(logits: jax.Array, labels: jax.Array) -> None:
     batch_shape = _shape(logits)[:-1]
+    _check_array("labels", labels, f"integer class indices of shape {batch_shape}")
     if _shape(labels) != batch_shape:
         hint = ""
         if _shape(labels) == _shape(logits):
@@ -388,13 +413,15 @@ def _teacher_list(
     """A sequence of teacher logits, or a stacked ``[J, B, K]`` array, as a list of ``[B, K]``."""
     if isinstance(teacher_logits, list | tuple):
         teachers = list(teacher_logits)
-    elif jnp.ndim(teacher_logits) == student_ndim + 1:
-        teachers = [teacher_logits[j] for j in range(_shape(teacher_logits)[0])]
     else:
-        raise ValueError(
-            f"{name} must be a sequence of [B, K] arrays or one stacked [J, B, K] array, got an "
-            f"array of shape {_shape(teacher_logits)}. Pass [t1, t2, ...]."
-        )
+        expected = "a sequence of [B, K] arrays or one stacked [J, B, K] array"
+        _check_array(name, teacher_logits, expected)
+        if jnp.ndim(teacher_logits) != student_ndim + 1:
+            raise ValueError(
+                f"{name} must be {expected}, got an array of shape {_shape(teacher_logits)}. "
+                "Pass [t1, t2, ...]."
+            )
+        teachers = [teacher_logits[j] for j in range(_shape(teacher_logits)[0])]
     if not teachers:
         raise ValueError(f"{name} is empty: pass at least one teacher's logits.")
     return teachers
@@ -405,6 +432,7 @@ def _check_teacher_weights(weights: Any, num_teachers: int, name: str) -> jax.Ar
     them as an array (``None`` stays ``None``: uniform). Normalisation happens in the cores."""
     if weights is None:
         return None
+    _check_array(name, weights, f"{num_teachers} non-negative weights, one per teacher")
     shape = (len(weights),) if _is_seq(weights) else _shape(weights)
     if shape != (num_teachers,):
         raise ValueError(
@@ -505,6 +533,7 @@ def _kd_kl_multi_core(
 
 
 def _check_features(name: str, features: jax.Array) -> None:
+    _check_array(name, features, "an NHWC feature map [B, H, W, C]")
     if jnp.ndim(features) < 3:
         raise ValueError(
             f"{name} must be an NHWC feature map [B, H, W, C], got shape {_shape(features)}. "
@@ -775,6 +804,7 @@ def temperature_schedule(kind: str, *, t_max: float, t_min: float, total_steps: 
         )
 
     def schedule(step: jax.typing.ArrayLike) -> jax.Array:
+        _check_array("step", step, "a Python int or a scalar array")
         return _temperature_at(kind, step, t_max, t_min, total_steps)
 
     return schedule
@@ -820,6 +850,7 @@ def masked_mean(values: jax.Array, where: jax.Array | None = None) -> jax.Array:
       >>> float(masked_mean(jnp.array([1.0, 3.0, 100.0]), jnp.array([True, True, False])))
       2.0
     """
+    _check_array("values", values, "an array of per-example values")
     where = _check_where(where, _shape(values))
     return _masked_mean_core(values, where)
 
@@ -850,7 +881,7 @@ def _teacher_feature_lists(
     if not _is_seq(teacher_features):
         raise ValueError(
             "teacher_features must be a sequence of NHWC maps (one teacher) or a sequence of "
-            f"such sequences (one per teacher), got {type(teacher_features).__name__}."
+            f"such sequences (one per teacher), got {_describe(teacher_features)}."
         )
     nested = len(teacher_features) > 0 and _is_seq(teacher_features[0])
     per_teacher = [list(f) for f in teacher_features] if nested else [list(teacher_features)]
@@ -965,9 +996,9 @@ def weckd_loss(
     if not _is_seq(student_features):
         # list() of one [B, H, W, C] array would split it into B "stages".
         raise ValueError(
-            "student_features must be a sequence of NHWC maps, one per stage, got "
-            f"{type(student_features).__name__} of shape {_shape(student_features)}: wrap a "
-            "single map in a list, student_features=[features]."
+            "student_features must be a sequence of NHWC maps, one per stage (() for none), got "
+            f"{_describe(student_features)}: wrap a single map in a list, "
+            "student_features=[features]."
         )
     student_features = list(student_features)
     if teacher_logits is None:
