@@ -1031,6 +1031,11 @@ ERRORS = [
     ("w teacher shape", _w(teacher_logits=S2.T), "same shape"),
     ("w teacher weights", _w(teacher_logits=[T2, T2], teacher_weights=[1.0]), "one weight per"),
     ("w feats, no teacher", _w(student_features=[F2], teacher_features=[F2]), "teacher_logits is"),
+    (
+        "w weights, no teacher",
+        _w(teacher_weights=[1.0]),
+        "teacher_weights were given but teacher_logits is None",
+    ),
     ("w beta, no features", _w(teacher_logits=T2, beta=1.0), "teacher_features"),
     (
         "w stage count",

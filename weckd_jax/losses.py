@@ -934,7 +934,8 @@ def weckd_loss(
     cross-entropy on the labelled examples, :math:`L_i = m_i\,\mathrm{CE}_i`, *not* scaled by
     :math:`1-\alpha` (there is nothing to weigh it against; scaling would only shrink the
     effective learning rate). Unlabelled examples then contribute 0; ``alpha``, ``beta`` and
-    ``temperature`` are validated but unused.
+    ``temperature`` are validated but unused, and ``teacher_features`` or ``teacher_weights``
+    without ``teacher_logits`` are an error.
 
     Args:
       student_logits: ``[B, K]``.
@@ -1002,11 +1003,12 @@ def weckd_loss(
         )
     student_features = list(student_features)
     if teacher_logits is None:
-        if teacher_features is not None:
+        teacher_only = {"teacher_features": teacher_features, "teacher_weights": teacher_weights}
+        given = " and ".join(k for k, v in teacher_only.items() if v is not None)
+        if given:
             raise ValueError(
-                "teacher_features were given but teacher_logits is None. Without a teacher "
-                "(link 1) the loss is cross-entropy only: drop teacher_features, or pass the "
-                "teacher's logits too."
+                f"{given} were given but teacher_logits is None. Without a teacher (link 1) the "
+                f"loss is cross-entropy only: drop {given}, or pass the teacher's logits too."
             )
     else:
         if not _is_seq(teacher_logits) and jnp.ndim(teacher_logits) == len(batch_shape) + 1:
