@@ -1159,6 +1159,32 @@ def test_heavy_import_check_sees_package_and_third_party_modules():
     assert {"weckd_jax.config", "ml_collections"} <= set(found)
 
 
+def _settings_changed_by(statement: str) -> list[str]:
+    """The environment variables (``$NAME``) and JAX options that ``statement`` changes in a fresh
+    interpreter started in this repository, after ``import jax`` (which sets a few of its own)."""
+    code = (
+        "import json, os, jax\n"
+        "def settings():\n"
+        "    env = {'$' + k: v for k, v in os.environ.items()}\n"
+        "    return env | {k: repr(v) for k, v in jax.config.values.items()}\n"
+        "before = settings()\n"
+        f"{statement}\n"
+        "after = settings()\n"
+        "print(json.dumps(sorted(k for k in before | after if before.get(k) != after.get(k))))\n"
+    )
+    out = run_python("-c", code, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_import_changes_no_jax_option_or_environment_variable():
+    # A library must not set XLA_FLAGS or JAX options behind the importing program's back.
+    assert _settings_changed_by("import weckd_jax.losses") == []
+    # The check can fail: it sees both kinds of change.
+    changes = "jax.config.update('jax_enable_x64', True); os.environ['XLA_FLAGS'] = '-x'"
+    assert _settings_changed_by(changes) == ["$XLA_FLAGS", "jax_enable_x64"]
+
+
 def test_public_api_and_docstring_examples():
     assert set(losses.__all__) == {
         "attention_map",
