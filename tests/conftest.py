@@ -96,3 +96,16 @@ def smoke_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("smoke"))
     results = chain.run(config, workdir, Progress(enabled=False))
     return config, workdir, results
+
+
+@pytest.fixture(scope="session")
+def same_fraction_run(tmp_path_factory):
+    """``(config, workdir, results)`` of the smoke run with the same-fraction baseline on."""
+    from weckd_jax import chain
+    from weckd_jax.progress import Progress
+
+    config = smoke_config()
+    config.baselines.same_fraction = True
+    workdir = str(tmp_path_factory.mktemp("smoke_same_fraction"))
+    results = chain.run(config, workdir, Progress(enabled=False))
+    return config, workdir, results

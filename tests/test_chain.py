@@ -17,7 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from tests.conftest import REPO, run_python, smoke_config
-from weckd_jax import chain, checkpoints, parallel
+from weckd_jax import chain, checkpoints, parallel, report
 from weckd_jax.data import pipeline
 from weckd_jax.data.synthetic import generate
 from weckd_jax.data.types import DataError
@@ -164,6 +164,84 @@ def test_one_step_kd_is_the_last_link_taught_by_link_1(tmp_path, monkeypatch):
     report = (tmp_path / "report.md").read_text()
     assert "minus one-step KD (the same student and images, taught by link 1 directly)" in report
     assert "| one-step KD | resnet10 | link 1 |" in report
+
+
+def test_same_fraction_is_the_last_link_without_teacher_and_moves_no_other_job():
+    config = smoke_config()
+    with config.unlocked():
+        config.chain.length, config.chain.fraction = 3, 0.2
+        config.baselines.one_step_kd = True
+    from weckd_jax import data as data_lib
+
+    data = data_lib.load(config.data, seed=config.seed)
+    splits = chain.make_run_splits(config, data)
+    without = {job.name: job for job in chain.plan_jobs(config, splits, data.num_classes)}
+    config.baselines.same_fraction = True
+    jobs = chain.plan_jobs(config, splits, data.num_classes)
+    names = [job.name for job in jobs]
+    assert names == [
+        "link_1",
+        "link_2",
+        "link_3",
+        "same_fraction",
+        "union_supervised",
+        "full_supervised",
+        "one_step_kd",
+    ]
+    # Every other job keeps its index (initialisation and data order), images and teachers.
+    for job in jobs:
+        if job.name != "same_fraction":
+            assert _job_fields(job) == _job_fields(without[job.name])
+    link3, same = jobs[2], jobs[3]
+    assert link3.init_from == "link_2" and link3.teachers == ("link_2",)
+    # Link 3's images, labels, initialisation key and data order; no teacher, random init.
+    assert same.teachers == () and same.init_from is None
+    unchanged = dataclasses.replace(same, name="link_3", teachers=("link_2",), init_from="link_2")
+    assert _job_fields(unchanged) == _job_fields(link3)
+
+
+def _job_fields(job: chain.Job) -> dict:
+    """A job's fields, arrays as lists (comparable with ==)."""
+    return {
+        k: v.tolist() if isinstance(v, np.ndarray) else v
+        for k, v in dataclasses.asdict(job).items()
+    }
+
+
+def test_same_fraction_run_records_and_gains(smoke_run, same_fraction_run):
+    _, _, plain = smoke_run
+    _, workdir, results = same_fraction_run
+    plain = json.loads(json.dumps(plain))
+    assert list(results["baselines"]) == ["same_fraction", "union_supervised", "full_supervised"]
+    # Turning the baseline on changes no number of the other jobs.
+    assert results["links"] == plain["links"]
+    for name, record in plain["baselines"].items():
+        assert results["baselines"][name] == record
+    assert {k: v for k, v in results["gains"].items() if k != "last_minus_same_fraction"} == (
+        plain["gains"]
+    )
+    same, link2 = results["baselines"]["same_fraction"], results["links"][-1]
+    assert same["teachers"] == [] and same["teacher_fingerprints"] == []
+    assert (same["n_train"], same["n_labelled"]) == (link2["n_train"], link2["n_labelled"])
+    assert same["fingerprint"] not in (link2["fingerprint"], results["links"][0]["fingerprint"])
+    gain = link2["test"]["accuracy"] - same["test"]["accuracy"]
+    assert results["gains"]["last_minus_same_fraction"] == gain
+    assert list(results["gains"]) == [
+        "last_minus_link_1",
+        "last_minus_same_fraction",
+        "last_minus_union_supervised",
+    ]
+    stream = io.StringIO()
+    report.print_results(Progress(stream=stream), results)
+    assert f"; over same-fraction supervised: {100 * gain:+.1f} points; over union" in (
+        stream.getvalue()
+    )
+    with open(os.path.join(workdir, "report.md")) as f:
+        text = f.read()
+    assert "minus the same-fraction baseline (its backbone on its own images and labels, " in text
+    assert "| same-fraction supervised | resnet10 | – |" in text
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert sum(json.loads(line)["run"] == "same_fraction" for line in f) == 2
 
 
 def test_timer_counts_a_nested_phase_for_itself_alone(monkeypatch):
@@ -528,12 +606,14 @@ def test_a_batch_larger_than_the_link_data_is_warned_about(tmp_path):
         config.chain.length, config.train.epochs, config.train.batch_size = 1, 1, 64
         config.baselines.union_supervised = config.baselines.full_supervised = False
         config.baselines.one_step_kd = True  # asked for, but a chain of 1 has none
+        config.baselines.same_fraction = True  # the same: link 1 is that model
     stream = io.StringIO()
     results = chain.run(config, str(tmp_path), Progress(stream=stream))
     n_train = results["links"][0]["n_train"]
     assert n_train < 64
     assert chain.small_link_warning("link_1", n_train, 64, 1) in stream.getvalue()
     assert "note: no one-step KD baseline with chain.length < 3" in stream.getvalue()
+    assert "note: no same-fraction baseline with chain.length 1" in stream.getvalue()
     assert results["baselines"] == {}
 
 

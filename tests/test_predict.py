@@ -103,6 +103,31 @@ def test_link_selection_and_single_image(smoke_run, images, tmp_path, capsys):
     assert not np.allclose(reference[1], reference[2], atol=1e-4)  # the links do differ
 
 
+def test_a_model_is_chosen_by_its_name(smoke_run, same_fraction_run, images, capsys):
+    _, workdir, _ = same_fraction_run
+    _, paths, reference = images
+    data_config, _, _ = smoke_run  # the same data and splits
+    data = data_lib.load(data_config.data, seed=data_config.seed)
+    index = chain.make_run_splits(data_config, data).test[:N_IMAGES]
+    mesh = parallel.data_mesh()
+    spec, variables = chain.restore_finished(workdir, "same_fraction", mesh, data.images.shape[1:])
+    expected, _ = chain.evaluate(spec, variables, data, index, batch_size=64, mesh=mesh)
+    out = predict.predict(workdir, paths, link="same_fraction")
+    assert out.model == "same_fraction"
+    np.testing.assert_allclose(out.probs, expected, atol=1e-5)
+    assert not np.allclose(expected, reference[2], atol=1e-4)  # not the last link's outputs
+    np.testing.assert_allclose(
+        predict.predict(workdir, paths, link="link_1").probs, reference[1], atol=1e-5
+    )
+    code, out, err = _run(["--workdir", workdir, "--images", paths[0], "--link", "full"], capsys)
+    assert (code, out) == (2, "")
+    assert err == (
+        f"error: --link full does not exist: the run in {workdir} has links 1, 2 and baselines "
+        "same_fraction, union_supervised, full_supervised; give a link's number or a name from "
+        "results.json\n"
+    )
+
+
 def test_unreadable_image_is_skipped_with_a_warning(smoke_run, images, tmp_path, capsys):
     _, workdir, _ = smoke_run
     _, paths, reference = images
@@ -457,6 +482,16 @@ def test_evaluate_cli_reproduces_the_run_test_metrics(smoke_run, capsys):
     acc = results["links"][-1]["test"]["accuracy"]
     assert any(line.startswith("link 2") and f"{acc:.3f}" in line for line in out.out.splitlines())
     assert "synthetic" in out.out and f"wrote {path}" in out.out
+
+
+def test_evaluate_covers_the_same_fraction_baseline(same_fraction_run):
+    config, workdir, results = same_fraction_run
+    evaluation = evaluate.evaluate_workdir(workdir, config, split="test", name="run")
+    assert list(evaluation["baselines"]) == list(results["baselines"])
+    _approx_metrics(
+        evaluation["baselines"]["same_fraction"]["metrics"],
+        results["baselines"]["same_fraction"]["test"],
+    )
 
 
 def test_evaluate_val_and_all_splits(smoke_run):

@@ -1,6 +1,7 @@
 """Seeds summaries, Markdown reports, figures and TensorBoard logs: values checked by hand."""
 
 import glob
+import io
 import json
 import math
 import os
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from weckd_jax import figures, metrics, report_md, seeds
+from weckd_jax import figures, metrics, report, report_md, seeds
+from weckd_jax.progress import Progress
 from weckd_jax.tensorboard import TensorBoardWriter
 
 # ---------------------------------------------------------------------------------------------
@@ -34,6 +36,7 @@ ACC = {
     "link_3": (0.60, 0.60, 0.90),
     "union_supervised": (0.55, 0.65, 0.80),
     "full_supervised": (0.80, 0.85, 0.90),
+    "same_fraction": (0.45, 0.65, 0.85),  # link 3 minus it: 0.15, -0.05, 0.05
 }
 
 
@@ -117,6 +120,43 @@ def test_summary_gains_are_paired_by_seed(summary):
     assert union["std"] == pytest.approx(math.sqrt(0.035 / 6))
     assert union["wins"] == 2
     assert set(summary["gains"]["last_minus_link_1"]) == set(seeds.METRICS)
+
+
+def test_summary_pairs_the_gain_over_the_same_fraction_baseline():
+    runs = {}
+    for pos, seed in enumerate((0, 3, 11)):
+        runs[seed] = _seed_results(pos, seed)
+        runs[seed]["baselines"] = {
+            "same_fraction": _record("same_fraction", pos),
+            **runs[seed]["baselines"],
+        }
+    out = seeds.summarize(runs)
+    assert list(out["gains"]) == [
+        "last_minus_link_1",
+        "last_minus_same_fraction",
+        "last_minus_union_supervised",
+    ]
+    same = out["gains"]["last_minus_same_fraction"]["accuracy"]
+    assert same["values"] == pytest.approx([0.15, -0.05, 0.05])
+    assert same["mean"] == pytest.approx(0.05) and same["std"] == pytest.approx(0.1)
+    assert same["wins"] == 2
+    text = report_md.render_summary(out)
+    assert (
+        "| metric | over link 1 | wins | over same-fraction supervised | wins | "
+        "over union supervised | wins |"
+    ) in text
+    assert "| test acc | +10.0 ± 10.0 | 2/3 | +5.0 ± 10.0 | 2/3 | +3.3 ± 7.6 | 2/3 |" in text
+    assert "| same-fraction supervised | resnet18 |" in text
+    stream = io.StringIO()
+    report.print_summary(Progress(stream=stream), out)
+    lines = stream.getvalue().splitlines()
+    assert "  last link over same-fraction supervised  +5.0 ± 10.0 points, better in 2/3 seeds" in (
+        lines
+    )
+    assert (
+        "  last link over link 1                    +10.0 ± 10.0 points, better in 2/3 seeds"
+        in (lines)
+    )
 
 
 def test_summary_undefined_metric_and_mismatched_runs():

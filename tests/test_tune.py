@@ -116,7 +116,12 @@ def test_rerun_continues_the_study(search):
         with open(os.path.join(t.user_attrs["workdir"], "config.json")) as f:
             used = json.load(f)
         assert used["train"]["learning_rate"] == t.params["train.learning_rate"]
-        assert set(used["baselines"]) == {"union_supervised", "full_supervised", "one_step_kd"}
+        assert set(used["baselines"]) == {
+            "same_fraction",
+            "union_supervised",
+            "full_supervised",
+            "one_step_kd",
+        }
         assert not any(used["baselines"].values())  # every baseline off
 
 
@@ -323,14 +328,18 @@ def test_space_syntax_and_checks():
         with pytest.raises(config_lib.ConfigError, match=rf"train\.\w+={value} \(the"):
             tune.check_search(search_config(space), 3)
     # t_min is capped at the trial's t_max, so every trial anneals downwards.
+    with_same_fraction = search_config()
+    with_same_fraction.baselines.same_fraction = True
     capped = tune.apply_params(
-        search_config(), {"distill.t_max": 3.0, "distill.t_min": 4.5}, baselines=False
+        with_same_fraction, {"distill.t_max": 3.0, "distill.t_min": 4.5}, baselines=False
     )
     assert (capped.distill.t_max, capped.distill.t_min) == (3.0, 3.0)
     assert capped.baselines.union_supervised is False
-    kept = tune.apply_params(search_config(), {"distill.t_min": 1.5}, baselines=True)
+    assert capped.baselines.same_fraction is False  # trials train the links only
+    kept = tune.apply_params(with_same_fraction, {"distill.t_min": 1.5}, baselines=True)
     assert (kept.distill.t_max, kept.distill.t_min) == (6.0, 1.5)
     assert kept.baselines.full_supervised is True
+    assert kept.baselines.same_fraction is True  # the best config's run trains it
 
 
 def test_every_batch_size_of_a_range_must_divide_over_the_devices(monkeypatch):

@@ -49,8 +49,8 @@ class Job:
     Attributes:
       name: ``link_1`` ... or a baseline name; names the checkpoint folder.
       index: seeds the job's initialisation and data order; a link's number. The one-step KD
-        baseline shares the last link's, so that only its teacher (and, with
-        ``chain.init_from_teacher``, the link it starts from) differs.
+        and same-fraction baselines share the last link's, so that only their teachers (and,
+        with ``chain.init_from_teacher``, the link they start from) differ.
       spec: the student's architecture.
       train_index: indices of its training images.
       label_mask: bool, one per training image: which keep their labels.
@@ -576,9 +576,11 @@ def make_run_splits(config, data: ImageSet) -> Splits:
 def plan_jobs(config, splits: Splits, num_classes: int) -> list[Job]:
     """The links of the chain, then the enabled baselines, in training order.
 
-    Baselines: ``union_supervised`` (the last link's backbone, supervised on the union of the
-    fractions with the chain's labels), ``full_supervised`` (on the whole train pool) and
-    ``one_step_kd`` (the last link's job with link 1 as its only teacher)."""
+    Baselines: ``same_fraction`` (the last link's job with no teacher and a random
+    initialisation), ``union_supervised`` (the last link's backbone, supervised on the union of
+    the fractions with the chain's labels), ``full_supervised`` (on the whole train pool) and
+    ``one_step_kd`` (the last link's job with link 1 as its only teacher). A job's ``index`` does
+    not depend on which baselines are enabled: turning one on changes no other job."""
     names = config_lib.backbones(config)
     specs = [
         train.ModelSpec(
@@ -610,7 +612,11 @@ def plan_jobs(config, splits: Splits, num_classes: int) -> list[Job]:
                 init_from=f"link_{k - 1}" if warm else None,
             )
         )
-    last = specs[-1]
+    last, last_link = specs[-1], jobs[-1]
+    if runs_same_fraction(config):
+        jobs.append(
+            dataclasses.replace(last_link, name="same_fraction", teachers=(), init_from=None)
+        )
     if config.baselines.union_supervised:
         jobs.append(
             Job(
@@ -632,7 +638,6 @@ def plan_jobs(config, splits: Splits, num_classes: int) -> list[Job]:
             )
         )
     if runs_one_step_kd(config):
-        last_link = jobs[config.chain.length - 1]
         warm = config.chain.init_from_teacher and specs[0] == last
         jobs.append(
             dataclasses.replace(
@@ -649,6 +654,12 @@ def runs_one_step_kd(config) -> bool:
     """Whether the run has the one-step KD baseline: asked for, and a chain of 3 links or more
     (with 2, link 2 is already link 1 distilled in one step)."""
     return config.baselines.one_step_kd and config.chain.length >= 3
+
+
+def runs_same_fraction(config) -> bool:
+    """Whether the run has the same-fraction baseline: asked for, and a chain of 2 links or
+    more (with 1, link 1 is that model: the same job, bit for bit)."""
+    return config.baselines.same_fraction and config.chain.length >= 2
 
 
 def data_record(data: ImageSet, splits: Splits | None = None) -> dict:
@@ -874,6 +885,12 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
         progress.print(
             "note: no one-step KD baseline with chain.length < 3 (link 2 is link 1 distilled in "
             "one step already); set baselines.one_step_kd=False to silence this"
+        )
+    if config.baselines.same_fraction and not runs_same_fraction(config):
+        progress.print(
+            "note: no same-fraction baseline with chain.length 1 (link 1 is the last link's "
+            "backbone on its fraction without a teacher already); set "
+            "baselines.same_fraction=False to silence this"
         )
     eval_kw = {"batch_size": config.train.eval_batch_size, "mesh": mesh, "timer": timer}
 

@@ -94,6 +94,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 200  # steps between checkpoints (and at every epoch end)
 
     c.baselines = ml_collections.ConfigDict()
+    # The last link's backbone, fraction and labels, supervised, with no teacher and a random
+    # initialisation: the chain's gain over it compares two models on the same images (link 1
+    # trained on another fraction). Needs chain.length >= 2 (with 1 it is link 1 itself). Off by
+    # default: it costs one more link's training.
+    c.baselines.same_fraction = False
     c.baselines.union_supervised = True  # one backbone on the union of the fractions
     c.baselines.full_supervised = True  # one backbone on the whole train pool (upper bound)
     # The last link's student, fraction and loss, taught by link 1 directly instead of through the

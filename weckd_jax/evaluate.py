@@ -279,8 +279,8 @@ def evaluate_workdir(
     if n_train:
         notes.append(
             f"{n_train} of the {len(index)} images are in this run's train pool: the models "
-            "were trained on them (the links and one-step KD on their fractions, the other "
-            "baselines on more), so these metrics are optimistic"
+            "were trained on them (the links, one-step KD and the same-fraction baseline on "
+            "their fractions, the other baselines on more), so these metrics are optimistic"
         )
     if n_val:
         notes.append(

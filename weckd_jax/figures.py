@@ -43,12 +43,14 @@ RELIABILITY = "reliability.png"
 DPI = 120
 
 _BASELINE_STYLE = {  # colour, line style; other baselines get the fallbacks in order
+    "same_fraction": ("tab:olive", "--"),
     "union_supervised": ("tab:orange", "--"),
     "full_supervised": ("tab:green", "-."),
     "one_step_kd": ("tab:red", ":"),
 }
 _FALLBACK_STYLES = [("tab:purple", ":"), ("tab:brown", "--"), ("tab:pink", "-.")]
 _BASELINE_LABEL = {
+    "same_fraction": "same-fraction supervised (the last fraction, no teacher)",
     "union_supervised": "union supervised (same labels as the chain)",
     "full_supervised": "full supervision (whole train pool)",
     "one_step_kd": "one-step KD (link 1 teaches the last fraction)",

@@ -1,6 +1,6 @@
 """Class probabilities of new images from a trained run.
 
-    python -m weckd_jax.predict --workdir DIR --images PATH [--link N] [--output FILE.csv
+    python -m weckd_jax.predict --workdir DIR --images PATH [--link N|NAME] [--output FILE.csv
         [--overwrite]]
 
 ``PATH`` is one image or a folder searched recursively for image files (the extensions of
@@ -9,8 +9,9 @@ and folders skipped), as training reads a class folder. A path flag's value may 
 (the home folder, as in ``data.root``), also as ``--images=~/scans``, which the shell leaves as is.
 Each image is decoded and resized exactly as in training (`weckd_jax.data.folder.decode_image`
 with the run's ``image_size`` and ``channels`` from ``DIR/results.json``), then classified by the
-chosen link (default: the last) restored from its final checkpoint
-``DIR/checkpoints/link_<N>/final``.
+chosen model restored from its final checkpoint ``DIR/checkpoints/<name>/final``: ``--link N``
+picks link N (default: the last), ``--link NAME`` any link or baseline by its name in
+``results.json`` (``link_2``, ``same_fraction``, ``union_supervised``, ...).
 
 Output: a short table on stdout and, with ``--output``, a CSV with the columns ``path``,
 ``predicted`` (a class name) and one probability column per class, headed by the class name, in
@@ -25,7 +26,7 @@ status 2, with one message and no traceback, when: DIR has no ``results.json`` (
 experiment the message names its ``DIR/seed_<s>`` runs), the link has no final checkpoint, it
 cannot be read or its weights are not those ``results.json`` reports (their SHA-256
 ``fingerprint``: a checkpoint copied from another run, or altered), the checkpoint's number of
-classes differs from the run's class names, ``--link`` names a link the run does not have, no
+classes differs from the run's class names, ``--link`` names a model the run does not have, no
 image is found under PATH, no image could be decoded, or ``--output`` is a folder (or a name ending
 in ``/``) or an existing file (without ``--overwrite``). Runs as a single process (any number of
 local devices).
@@ -76,7 +77,7 @@ class Prediction:
       paths: the decoded images, in order.
       probs: float32 ``[len(paths), K]`` class probabilities.
       class_names: the run's classes, index = column of ``probs``.
-      model: the checkpoint name used (``link_<N>``).
+      model: the checkpoint name used (``link_<N>`` or a baseline's name).
       skipped: ``(path, reason)`` of every image that could not be decoded.
     """
 
@@ -136,20 +137,30 @@ def load_results(workdir: str) -> dict:
     return results
 
 
-def link_record(workdir: str, results: dict, link: int | None) -> dict:
-    """The ``results.json`` entry of link ``link`` (default: the last)."""
+def model_record(workdir: str, results: dict, link: int | str | None) -> dict:
+    """The ``results.json`` entry of ``link``: a link number (default: the last link), or the name
+    of a link or baseline (``"link_2"``, ``"same_fraction"``); a string of digits is a number."""
 
-    numbers = [int(r["link"]) for r in results["links"]]
-    if not numbers:
+    links = results["links"]
+    if not links:
         raise PredictError(f"{workdir}/results.json lists no links")
     if link is None:
-        link = numbers[-1]
-    if link not in numbers:
+        return links[-1]
+    if isinstance(link, str) and link.isdigit():
+        link = int(link)
+    baselines = results.get("baselines", {})
+    if isinstance(link, int):
+        found = next((r for r in links if int(r["link"]) == link), None)
+    else:
+        found = {r["name"]: r for r in links}.get(link) or baselines.get(link)
+    if found is None:
+        numbers = ", ".join(str(r["link"]) for r in links)
+        others = f" and baselines {', '.join(baselines)}" if baselines else ""
         raise PredictError(
-            f"--link {link} does not exist: the run in {workdir} has links "
-            f"{', '.join(str(n) for n in numbers)}"
+            f"--link {link} does not exist: the run in {workdir} has links {numbers}{others}; "
+            "give a link's number or a name from results.json"
         )
-    return next(r for r in results["links"] if int(r["link"]) == link)
+    return found
 
 
 def find_images(path: str) -> list[str]:
@@ -216,15 +227,16 @@ def predict(
     workdir: str,
     paths: list[str],
     *,
-    link: int | None = None,
+    link: int | str | None = None,
     batch_size: int | None = None,
 ) -> Prediction:
-    """Classifies the images at ``paths`` with link ``link`` (default: the last) of ``workdir``.
+    """Classifies the images at ``paths`` with the model ``link`` (default: the last link) of
+    ``workdir``.
 
     Args:
       workdir: a finished run's folder (``results.json`` and ``checkpoints/``).
       paths: image files.
-      link: the link number, 1-based.
+      link: the link number, 1-based, or the name of a link or baseline (see `model_record`).
       batch_size: images per evaluation batch (default: the run's ``train.eval_batch_size``),
         rounded up to a multiple of the device count.
 
@@ -238,7 +250,7 @@ def predict(
     data = results["data"]
     class_names = list(data["class_names"])
     size, channels = int(data["image_size"]), int(data["channels"])
-    record = link_record(workdir, results, link)
+    record = model_record(workdir, results, link)
     mesh = parallel.data_mesh()
     spec, variables = _restore(workdir, record, mesh, (size, size, channels), class_names)
     batch = _batch_size(workdir, batch_size)
@@ -323,7 +335,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--images", required=True, type=path, help="an image, or a folder (recursive)"
     )
-    parser.add_argument("--link", type=int, default=None, help="link number (default: the last)")
+    parser.add_argument(
+        "--link",
+        default=None,
+        help="link number (default: the last), or a link's or baseline's name (e.g. same_fraction)",
+    )
     parser.add_argument(
         "--output",
         default=None,

@@ -109,10 +109,11 @@ def print_summary(progress, summary: dict) -> None:
         acc = r["test"]["accuracy"]
         values = ", ".join(f"{v:.3f}" for v in acc["values"])
         progress.print(f"  {name:<18}{acc['mean']:.3f} ± {acc['std']:.3f}   ({values})")
+    labels = {key: "last link " + GAIN_LABELS[key] for key in summary["gains"]}
+    width = max(34, *(len(label) + 2 for label in labels.values()))
     for key, gain in summary["gains"].items():
-        label = "last link " + GAIN_LABELS[key]
         progress.print(
-            f"  {label:<34}{100 * gain['accuracy']['mean']:+.1f} ± "
+            f"  {labels[key]:<{width}}{100 * gain['accuracy']['mean']:+.1f} ± "
             f"{100 * gain['accuracy']['std']:.1f} points, better in "
             f"{gain['accuracy']['wins']}/{gain['accuracy']['n']} seeds"
         )

@@ -169,6 +169,11 @@ def render_report(results: dict, workdir: str = "") -> str:
     gains = results.get("gains", {})
     sentence = f"Test accuracy of link {last['link']} minus link 1: "
     sentence += f"**{_points(gains.get('last_minus_link_1'))} points**"
+    if "last_minus_same_fraction" in gains:
+        sentence += (
+            "; minus the same-fraction baseline (its backbone on its own images and labels, "
+            f"no teacher): **{_points(gains['last_minus_same_fraction'])} points**"
+        )
     if "last_minus_one_step_kd" in gains:
         sentence += (
             "; minus one-step KD (the same student and images, taught by link 1 directly): "
@@ -333,7 +338,8 @@ def write_summary(workdir: str, summary: dict) -> str:
     """Writes ``workdir/summary.md`` for a `weckd_jax.seeds.summarize` dict; returns its path.
 
     Tables: mean ± std of every link and baseline; the gains of the last link over link 1 and
-    over the one-step KD and union baselines, paired by seed, with wins; test accuracy per seed.
+    over the same-fraction, one-step KD and union baselines, paired by seed, with wins; test
+    accuracy per seed.
     Embeds ``figures/chain_accuracy.png`` when it exists
     (`weckd_jax.figures.write_summary_figures`).
     """

@@ -6,8 +6,8 @@ A multi-seed experiment runs one chain per seed (``DIR/seed_<s>/results.json``);
 * for every link and baseline, `metrics.mean_std` (``mean``, ``std`` with ddof=1, ``n``,
   ``values`` in seed order) of the test metrics in `METRICS`, of validation accuracy and of
   ``n_train`` / ``n_labelled`` (these can differ between seeds: splits depend on the seed);
-* the gain of the last link over link 1 and over the baselines of `GAIN_BASELINES` (one-step KD,
-  union supervised) that ran, **paired by seed**
+* the gain of the last link over link 1 and over the baselines of `GAIN_BASELINES`
+  (same-fraction supervised, one-step KD, union supervised) that ran, **paired by seed**
   (`metrics.paired_gain`: the per-seed difference ``last - other``, its mean ± std and ``wins``,
   the number of seeds where the last link is strictly higher). For ``ece`` lower is better, so a
   negative gain is an improvement there.
@@ -28,9 +28,10 @@ __all__ = ["GAIN_BASELINES", "METRICS", "summarize"]
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")
 # The baselines the last link's gain is measured against, besides link 1 (full supervision is
 # an upper bound with more labels, not a comparison at the chain's budget).
-GAIN_BASELINES = ("one_step_kd", "union_supervised")
+GAIN_BASELINES = ("same_fraction", "one_step_kd", "union_supervised")
 # The baselines as the reports name them, and the keys of the gains.
 BASELINE_NAMES = {
+    "same_fraction": "same-fraction supervised",
     "union_supervised": "union supervised",
     "full_supervised": "full supervised",
     "one_step_kd": "one-step KD",
