@@ -7,6 +7,7 @@ import glob
 import io
 import json
 import os
+import pathlib
 import shlex
 import shutil
 
@@ -598,6 +599,68 @@ def test_a_damaged_in_training_checkpoint_is_named_with_the_fix_that_resumes(tmp
     results = chain.run(config, workdir, Progress(stream=out))
     assert "link_1: resuming from step 1 of 4" in out.getvalue()
     assert [link["name"] for link in results["links"]] == ["link_1", "link_2"]
+
+
+def test_a_baseline_switched_on_in_a_finished_run_trains_alone(
+    smoke_run, same_fraction_run, tmp_path
+):
+    from weckd_jax import config as config_lib
+
+    base, workdir, _ = smoke_run
+    _, fresh_dir, fresh = same_fraction_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(workdir, run_dir)
+    finished = glob.glob(str(run_dir / "jobs" / "*.json"))
+    finished += glob.glob(str(run_dir / "checkpoints" / "*" / "final" / "**"), recursive=True)
+    kept = {p: pathlib.Path(p).read_bytes() for p in finished if os.path.isfile(p)}
+    saved = json.loads((run_dir / "config.json").read_text())
+    config = copy.deepcopy(base)
+    config.baselines.same_fraction = True
+    out = io.StringIO()
+    results = chain.run(config, str(run_dir), Progress(stream=out))
+    assert out.getvalue().count("finished earlier, results reloaded") == 4
+    assert "same_fraction " in out.getvalue()  # its epochs: only it trained
+    # What a run with the baseline from the start gives, and nothing written before is changed.
+    assert _without_timings(results) == _without_timings(json.loads(json.dumps(fresh)))
+    assert json.loads((run_dir / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert {p: pathlib.Path(p).read_bytes() for p in kept} == kept
+    assert "same-fraction supervised" in (run_dir / "report.md").read_text()
+
+    def same_fraction_lines(folder):
+        with open(os.path.join(folder, "metrics.jsonl")) as f:
+            lines = [json.loads(line) for line in f]
+        return [{**x, "images_per_s": None} for x in lines if x["run"] == "same_fraction"]
+
+    assert same_fraction_lines(run_dir) == same_fraction_lines(fresh_dir)
+    # The record of the run now has the baseline on, every other key as it was.
+    saved["baselines"]["same_fraction"] = True
+    assert json.loads((run_dir / "config.json").read_text()) == saved
+    # Switching it off would drop it from the results: refused with the fix.
+    config.baselines.same_fraction = False
+    with pytest.raises(config_lib.ConfigError, match=r"baselines\.same_fraction: True -> False"):
+        chain.run(config, str(run_dir), Progress(enabled=False))
+    config.baselines.same_fraction = True
+    written = (run_dir / "results.json").read_text()
+    out = io.StringIO()
+    chain.run(config, str(run_dir), Progress(stream=out))
+    assert out.getvalue().count("finished earlier, results reloaded") == 5
+    assert (run_dir / "results.json").read_text() == written
+
+
+def test_a_multi_seed_experiment_may_gain_a_baseline(smoke_run, tmp_path):
+    base, workdir, _ = smoke_run
+    shutil.copytree(workdir, tmp_path / "seed_0")
+    config = copy.deepcopy(base)
+    with config.unlocked():
+        config.seeds = "0"
+    chain.run_seeds(config, str(tmp_path), Progress(enabled=False))  # binds the experiment
+    config.baselines.same_fraction = True
+    summary = chain.run_seeds(config, str(tmp_path), Progress(enabled=False))
+    assert list(summary["baselines"]) == ["same_fraction", "union_supervised", "full_supervised"]
+    assert "last_minus_same_fraction" in summary["gains"]
+    assert "over same-fraction supervised" in (tmp_path / "summary.md").read_text()
+    for folder in (tmp_path, tmp_path / "seed_0"):
+        assert json.loads((folder / "config.json").read_text())["baselines"]["same_fraction"]
 
 
 def test_a_batch_larger_than_the_link_data_is_warned_about(tmp_path):

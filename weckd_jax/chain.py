@@ -682,9 +682,23 @@ def _write_new(path: str, value) -> None:
         files.write_json(path, value, replace=False)
 
 
+def _write_config(path: str, config) -> None:
+    """Writes ``config`` to the ``config.json`` at ``path`` when none is there. Over the record of
+    a run that ``config`` has passed `check_workdir` against, switches on the baselines
+    ``config`` adds (`config.added_baselines`), and changes nothing else: the record then
+    refuses switching them off again, which would drop them from the run's results."""
+    now = config_lib.as_json(config)
+    _write_new(path, now)
+    saved = files.read_json(path)
+    if added := config_lib.added_baselines(saved, now):
+        saved["baselines"].update({key.split(".", 1)[1]: True for key in added})
+        files.write_json(path, saved)
+
+
 def check_workdir(config, workdir: str) -> None:
-    """Refuses a workdir that holds a run with another config (``config.json``): resuming it
-    would mix two experiments; one that is no run's folder: a search's (``study.db``) or a
+    """Refuses a workdir that holds a run with another config (``config.json``; switching a
+    baseline on is allowed, see `config.added_baselines`): resuming it would mix two
+    experiments; one that is no run's folder: a search's (``study.db``) or a
     folder of images; and, for a single run, a multi-seed experiment's folder. Cheap: called
     before any data is loaded."""
     if os.path.exists(study_path(workdir)):
@@ -712,7 +726,8 @@ def check_workdir(config, workdir: str) -> None:
     with open(path) as f:
         saved = json.load(f)
     now = config_lib.as_json(config)
-    keys = config_lib.differing_keys(saved, now)
+    added = config_lib.added_baselines(saved, now)
+    keys = [key for key in config_lib.differing_keys(saved, now) if key not in added]
     if saved.get("seeds") and config_lib.seed_list(config):
         # A multi-seed experiment may gain or drop seeds: each seed_<s>/ is checked on its own.
         keys = [key for key in keys if key != "seeds"]
@@ -738,7 +753,8 @@ def check_workdir(config, workdir: str) -> None:
 def bind_workdir(config, workdir: str, data: ImageSet, splits: Splits, writer: bool) -> str | None:
     """Binds ``workdir`` to ``data`` and its ``splits`` as well as ``config`` (whose
     `check_workdir` has passed): refuses a workdir whose ``data.json`` names other examples or
-    other splits, then writes ``config.json`` and ``data.json`` where they are missing. Returns a
+    other splits, then writes ``config.json`` and ``data.json`` where they are missing (and
+    records the baselines ``config`` adds in ``config.json``, `_write_config`). Returns a
     warning when only the decoded pixels differ (same examples, so the same splits). Called once
     the data has passed its checks, so a run that stops on a config or data error leaves the
     workdir free for the corrected command."""
@@ -771,7 +787,7 @@ def bind_workdir(config, workdir: str, data: ImageSet, splits: Splits, writer: b
             )
     if writer:
         os.makedirs(workdir, exist_ok=True)
-        _write_new(os.path.join(workdir, "config.json"), config_lib.as_json(config))
+        _write_config(os.path.join(workdir, "config.json"), config)
         _write_new(path, record)
     return warning
 
@@ -1049,7 +1065,7 @@ def _run_seeds(config, workdir: str, progress: Progress) -> dict:
             if reseeded:
                 files.write_json(config_path, config_lib.as_json(config))
             else:
-                _write_new(config_path, config_lib.as_json(config))
+                _write_config(config_path, config)
     summary = seeds_lib.summarize(results)
     if jax.process_index() == 0:
         files.write_json(os.path.join(workdir, "summary.json"), summary)

@@ -527,6 +527,15 @@ def differing_keys(saved: dict, current: dict) -> list[str]:
     ]
 
 
+def added_baselines(saved: dict, current: dict) -> list[str]:
+    """The ``baselines.*`` keys off in ``saved`` (a ``config.json``) and on in ``current``. A run
+    may gain a baseline: each job's seeds follow from its own index, not from which baselines
+    run (`weckd_jax.chain.plan_jobs`), so the new baseline trains alone and every finished job
+    stays valid. Switching one off is not among them (the run's results would lose it)."""
+    old, new = saved.get("baselines", {}), current.get("baselines", {})
+    return [f"baselines.{key}" for key in sorted(new) if old.get(key) is False and new[key] is True]
+
+
 def differences(saved: dict, current: dict, keys: list[str] | None = None) -> list[str]:
     """``key: saved -> current`` for each of ``keys`` (default: `differing_keys`)."""
     old, new = dict(_leaves(saved)), dict(_leaves(current))
