@@ -84,6 +84,39 @@ def test_keys_that_change_nothing_computed_get_their_defaults(tmp_path):
     chain.check_workdir(config, str(tmp_path))
 
 
+def test_records_from_before_an_added_key_read_it_as_the_behaviour_they_had(tmp_path, monkeypatch):
+    # Written before baselines.same_fraction existed: the baseline did not run.
+    config = smoke_config()
+    record = _record(tmp_path, config)
+    del record["baselines"]["same_fraction"]
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    assert from_run(str(tmp_path)).baselines.same_fraction is False
+    chain.check_workdir(config, str(tmp_path))  # resumed, not refused for a key it lacks
+    config.tune.space = "distill.alpha:0.1:0.9"
+    search = tmp_path / "search"
+    search.mkdir()
+    searched = as_json(config)
+    del searched["baselines"]["same_fraction"]
+    (search / "config.json").write_text(json.dumps(searched))
+    tune.check_study_dir(config, str(search))
+    # ... and the search keeps its study's name, which the older version derived without it.
+    name = tune.study_name(config)
+
+    def older_as_json(c):
+        recorded = as_json(c)
+        del recorded["baselines"]["same_fraction"]
+        return recorded
+
+    monkeypatch.setattr(tune.config_lib, "as_json", older_as_json)
+    assert tune.study_name(config) == name
+    monkeypatch.undo()
+    config.baselines.same_fraction = True  # on, it is another search
+    assert tune.study_name(config) != name
+    # Switched on in the older run, the record gains it as on (off again is then refused).
+    chain._write_config(str(tmp_path / "config.json"), config)
+    assert json.loads((tmp_path / "config.json").read_text())["baselines"]["same_fraction"]
+
+
 def _without(key):
     def edit(record):
         section, name = key.split(".")

@@ -689,7 +689,7 @@ def _write_config(path: str, config) -> None:
     refuses switching them off again, which would drop them from the run's results."""
     now = config_lib.as_json(config)
     _write_new(path, now)
-    saved = files.read_json(path)
+    saved = config_lib.with_added_keys(files.read_json(path))
     if added := config_lib.added_baselines(saved, now):
         saved["baselines"].update({key.split(".", 1)[1]: True for key in added})
         files.write_json(path, saved)
@@ -724,7 +724,7 @@ def check_workdir(config, workdir: str) -> None:
             )
         return
     with open(path) as f:
-        saved = json.load(f)
+        saved = config_lib.with_added_keys(json.load(f))
     now = config_lib.as_json(config)
     added = config_lib.added_baselines(saved, now)
     keys = [key for key in config_lib.differing_keys(saved, now) if key not in added]

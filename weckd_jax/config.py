@@ -6,6 +6,7 @@ key can be overridden on the command line (``--config.chain.length=4``).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib.machinery
 import importlib.util
@@ -502,6 +503,23 @@ HARMLESS_KEYS = frozenset(
 HARMLESS_PREFIXES = ("tune.",)
 
 
+# Keys added to the config after runs were recorded without them, each with the value that
+# gives what those runs computed: a record lacking one is read as holding that value, so runs,
+# searches and evaluations written before the key existed are resumed, compared and reused.
+ADDED_KEYS = {"baselines.same_fraction": False}  # the baseline did not exist: it did not run
+
+
+def with_added_keys(record: dict) -> dict:
+    """``record`` (a recorded config, as `as_json` gives) with every one of `ADDED_KEYS` it
+    lacks set to that key's value; a copy, ``record`` is left as it is."""
+    record = copy.deepcopy(record)
+    for key, value in ADDED_KEYS.items():
+        section, name = key.split(".")
+        if isinstance(record.get(section), dict):
+            record[section].setdefault(name, value)
+    return record
+
+
 def _counts(key: str) -> bool:
     return key not in HARMLESS_KEYS and not key.startswith(HARMLESS_PREFIXES)
 
@@ -612,7 +630,7 @@ def from_run(folder: str) -> ml_collections.ConfigDict:
         )
     other_version = "it was written by another version of weckd_jax; use that version"
     config = base_config()
-    saved, defaults = dict(_leaves(record)), dict(_leaves(config))
+    saved, defaults = dict(_leaves(with_added_keys(record))), dict(_leaves(config))
     if unknown := [key for key in saved if key not in defaults]:
         raise ConfigError(
             f"{path} sets {', '.join(unknown)}, which this version's config does not have: "

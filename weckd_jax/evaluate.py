@@ -170,7 +170,7 @@ def _refuse_overwrite(
     existing = files.read_json(path)
     if existing is None:
         return
-    saved = existing.get("config", {})
+    saved = config_lib.with_added_keys(existing.get("config", {}))
     keys = config_lib.differing_keys(saved, config_json)
     if split == "all":
         keys = [k for k in keys if k not in _split_keys(config_json)]

@@ -239,16 +239,16 @@ def check_search(config, trials: int, workdir: str | None = None) -> tuple[Dimen
 
 
 def study_name(config) -> str:
-    """``weckd-<objective>-<digest>``: the digest covers the whole config (harmless keys aside)."""
+    """``weckd-<objective>-<digest>``: the digest covers the whole config, harmless keys aside,
+    and keys added since a search may have started (`config.ADDED_KEYS`) when they hold the value
+    of the searches before them: those keep their study's name."""
     flat = config_lib.as_json(config)
-    for key in config_lib.HARMLESS_KEYS:
-        if key.startswith("tune."):  # the search's own keys always name another study
-            continue
-        *path, name = key.split(".")
-        node = flat
-        for part in path:
-            node = node.get(part, {})
-        node.pop(name, None)
+    dropped = [key for key in config_lib.HARMLESS_KEYS if not key.startswith("tune.")]
+    # (the search's own keys, tune.*, always name another study)
+    dropped += [key for key, value in config_lib.ADDED_KEYS.items() if config[key] == value]
+    for key in dropped:
+        section, name = key.split(".")
+        flat.get(section, {}).pop(name, None)
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:10]
     label = "last_link" if config.tune.objective == "last_link" else f"link_{config.tune.link}"
     return f"weckd-{label}-{digest}"
@@ -277,7 +277,7 @@ def check_study_dir(config, workdir: str) -> None:
     current = config_lib.as_json(config)
     if os.path.exists(path):
         with open(path) as f:
-            saved = json.load(f)
+            saved = config_lib.with_added_keys(json.load(f))
         keys = config_lib.differing_keys(saved, current)
         # The search's own keys always count, even if `differing_keys` ever treats them as
         # harmless.
