@@ -100,3 +100,37 @@ def test_eval_batches_pad_the_last_batch():
     assert [valid for _, valid in out] == [4, 4, 2]
     assert all(images.shape[0] == 4 for images, _ in out)
     assert out[-1][0][:2, 0, 0, 0].tolist() == [8, 9]
+
+
+def test_a_train_checkpoint_of_two_processes_resumes_in_one(tmp_path):
+    # Each process of a multi-host run writes its own iterator file (process_<i>-of-<n>.json);
+    # a run resumed on another number of hosts (one lost, or a bigger node) must find its place.
+    import types
+
+    from weckd_jax import checkpoints
+
+    data, index, mask = _data(), np.arange(20), np.ones(20, bool)
+    ds = pipeline.train_pipeline(
+        data, index, mask, batch_size=4, total_steps=10, seed=0, process_index=0, process_count=1
+    )
+    state = types.SimpleNamespace(
+        params={"w": np.arange(3.0, dtype=np.float32)}, batch_stats={}, opt_state={}
+    )
+    it = iter(ds.to_iter_dataset())
+    for _ in range(3):
+        next(it)
+    with checkpoints.TrainCheckpoints(str(tmp_path), "link_1") as saver:
+        saver.save(3, state, {"params": state.params}, {"best_epoch": 1}, it)
+    rest = [_ids(b) for b in it]
+    folder = tmp_path / "checkpoints" / "link_1" / "train" / "3" / "data_iter"
+    (written,) = folder.glob("process_*.json")
+    for p in range(2):  # as processes 0 and 1 of two write them
+        (folder / f"process_{p}-of-2.json").write_text(written.read_text())
+    written.unlink()
+
+    resumed = iter(ds.to_iter_dataset())
+    with checkpoints.TrainCheckpoints(str(tmp_path), "link_1") as saver:
+        arrays, best, meta = saver.restore(3, state, {"params": state.params}, resumed)
+    assert [_ids(b) for b in resumed] == rest
+    np.testing.assert_array_equal(arrays["params"]["w"], [0.0, 1.0, 2.0])
+    assert meta == {"best_epoch": 1}

@@ -11,12 +11,14 @@ Layout under ``DIR/checkpoints/<name>/``:
   interrupted link resumes exactly.
 
 Restoring takes an abstract tree whose leaves carry the target sharding, so a checkpoint written on
-N devices restores on any other device count.
+N devices restores on any other device count; an in-training one also resumes in another number of
+processes (hosts).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Any
 
@@ -198,17 +200,16 @@ class TrainCheckpoints:
         """
         template, unravel = ravel_pytree(_resumable(state, best))
         flat = jax.ShapeDtypeStruct(template.shape, template.dtype, sharding=template.sharding)
+        folder = os.path.join(self._directory, str(step))
+        items = {"arrays": ocp.args.StandardRestore({"flat": flat}), "meta": ocp.args.JsonRestore()}
+        iterator_state = _iterator_state_of_other_processes(os.path.join(folder, "data_iter"))
+        if iterator_state is None:
+            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    arrays=ocp.args.StandardRestore({"flat": flat}),
-                    meta=ocp.args.JsonRestore(),
-                    data_iter=grain.checkpoint.CheckpointRestore(data_iter),
-                ),
-            )
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+            if iterator_state is not None:
+                data_iter.set_state(iterator_state)
         except Exception as e:  # orbax raises KeyError, FileNotFoundError, ValueError, ...
-            folder = os.path.join(self._directory, str(step))
             raise CheckpointError(
                 f"the in-training checkpoint {folder} of {self._name} cannot be read "
                 f"({_reason(e)}): it was damaged or partly deleted. Fix: delete that folder and "
@@ -238,6 +239,25 @@ class TrainCheckpoints:
             # Training already failed: its error is the one to report, not this write's.
         finally:
             self.close()
+
+
+def _iterator_state_of_other_processes(folder: str) -> dict | None:
+    """The grain iterator state a checkpoint's ``data_iter`` ``folder`` holds when it was written
+    by another number of processes than this run has (None when this process's own file,
+    ``process_<i>-of-<n>.json``, is there, or no file is).
+
+    Any process's state serves: every process stands at the same batch of its own share of the
+    global batches (`weckd_jax.data.pipeline.train_pipeline`), whatever their number, so a run
+    may resume on another number of hosts.
+    """
+    own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not os.path.isdir(folder) or own in os.listdir(folder):
+        return None
+    written = sorted(name for name in os.listdir(folder) if name.startswith("process_0-of-"))
+    if not written:
+        return None
+    with open(os.path.join(folder, written[0])) as f:
+        return json.load(f)
 
 
 def _resumable(state: PyTree, best: dict[str, PyTree]) -> tuple[dict[str, PyTree], dict]:
