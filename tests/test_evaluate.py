@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_python
 from weckd_jax import chain, checkpoints, evaluate
 from weckd_jax import config as config_lib
 from weckd_jax import data as data_lib
@@ -155,6 +155,22 @@ def test_images_are_read_at_the_trained_size_with_a_note_saying_so(smoke_run):
     assert [r["metrics"]["accuracy"] for r in out["links"]] == [
         r["test"]["accuracy"] for r in results["links"]
     ]
+
+
+def test_a_run_is_evaluated_on_a_device_count_its_batch_sizes_do_not_divide_over(smoke_run):
+    # Trained on one device with train.batch_size=16 and eval_batch_size=64, evaluated on 3: the
+    # train batch is no concern of an evaluation, and its batches are rounded up (as predict's).
+    _, workdir, results = smoke_run
+    smoke = os.path.join(REPO, "configs", "smoke.py")
+    args = ["--workdir", workdir, "--config", smoke, "--name", "three_devices"]
+    out = run_python("-m", "weckd_jax.evaluate", *args, timeout=600, devices=3)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(os.path.join(workdir, "evaluations", "three_devices-test.json")) as f:
+        evaluation = json.load(f)
+    assert evaluation["devices"] == 3
+    for evaluated, trained in zip(evaluation["links"], results["links"], strict=True):
+        assert evaluated["metrics"]["accuracy"] == trained["test"]["accuracy"]
+        np.testing.assert_allclose(evaluated["metrics"]["nll"], trained["test"]["nll"], rtol=1e-5)
 
 
 def test_a_mistyped_override_is_named_with_its_close_match(smoke_run, capsys):

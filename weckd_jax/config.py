@@ -284,11 +284,14 @@ def _check_keys_and_numbers(config) -> None:
             )
 
 
-def validate(config, workdir: str | None = None) -> None:
+def validate(config, workdir: str | None = None, *, trains: bool = True) -> None:
     """Checks every key a run depends on, before any data is loaded or anything compiled.
 
     Args:
       workdir: the run's folder, when known: it must not lie inside the data folder.
+      trains: whether the config is to train on the devices of this process, whose count
+        ``train.batch_size`` and ``train.eval_batch_size`` must then divide over; an
+        evaluation of trained models (`weckd_jax.evaluate`) rounds its batch up instead.
 
     Raises:
       ConfigError: naming the key, the bad value and the fix (the first problem found).
@@ -480,7 +483,7 @@ def validate(config, workdir: str | None = None) -> None:
         0 <= c.train.label_smoothing < 1,
         f"train.label_smoothing={c.train.label_smoothing} must be in [0, 1)",
     )
-    for key in ("batch_size", "eval_batch_size"):
+    for key in ("batch_size", "eval_batch_size") if trains else ():
         try:
             parallel.check_batch_size(c.train[key], f"train.{key}")
         except ValueError as e:

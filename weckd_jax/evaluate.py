@@ -12,6 +12,9 @@ would (same seed and fractions: the same split). With the run's own config and `
 the metrics equal the ``test`` entries of ``DIR/results.json``. ``--workdir`` and ``--config``
 may start with ``~`` (the home folder), also as ``--workdir=~/runs/x``.
 
+Batches of ``train.eval_batch_size`` images are rounded up to a multiple of the device count (the
+run may have trained on another one); ``train.batch_size`` is not used.
+
 Every class of the new data must be a class the models were trained on (matched by name; the new
 data may hold fewer classes, in any order); otherwise the command stops with exit status 2.
 Writes ``DIR/evaluations/<NAME>-<split>.json`` (``NAME``: the config file's name without ``.py`` and
@@ -243,7 +246,7 @@ def evaluate_workdir(
             f"note: the models were trained at {size}x{size}x{channels}, so the images are read "
             f"at that size ({'; '.join(changed)})"
         )
-    config_lib.validate(config)
+    config_lib.validate(config, trains=False)
     path = os.path.join(workdir, "evaluations", f"{name}-{split}.json")
     config_json = config_lib.as_json(config)
     # Everything the workdir alone can refuse is checked before the (possibly long) data load.
@@ -294,7 +297,7 @@ def evaluate_workdir(
     for note in notes:
         say(f"note: {note}")
 
-    batch_size = config.train.eval_batch_size
+    batch_size = parallel.device_multiple(config.train.eval_batch_size)
     out_models = {}
     for model_name, record, spec, variables in restored:
         _, m = chain.evaluate(spec, variables, data, index, batch_size=batch_size, mesh=mesh)

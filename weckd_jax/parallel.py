@@ -8,6 +8,8 @@ itself, so the train step is written as if for one device.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
@@ -50,6 +52,13 @@ def process_rows(global_rows: np.ndarray) -> np.ndarray:
     count, index = jax.process_count(), jax.process_index()
     share = len(global_rows) // count
     return global_rows[index * share : (index + 1) * share]
+
+
+def device_multiple(size: int) -> int:
+    """``size`` rounded up to a multiple of the device count, so that every device gets as many
+    rows of a batch (for evaluation, whose padded rows are dropped)."""
+    devices = jax.device_count()
+    return math.ceil(size / devices) * devices
 
 
 def check_batch_size(batch_size: int, what: str = "train.batch_size") -> None:

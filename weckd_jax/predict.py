@@ -39,7 +39,6 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import os
 import sys
 
@@ -219,8 +218,7 @@ def _batch_size(workdir: str, requested: int | None) -> int:
             size = DEFAULT_BATCH_SIZE
     if size < 1:
         raise PredictError(f"--batch_size={size} must be >= 1")
-    devices = jax.device_count()
-    return math.ceil(size / devices) * devices  # every device gets the same number of rows
+    return parallel.device_multiple(size)
 
 
 def predict(
