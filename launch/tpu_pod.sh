@@ -2,12 +2,12 @@
 # Runs a WeCKD chain on every worker of a Cloud TPU VM pod slice.
 #
 # Usage (from your workstation; the repository must be at ~/weckd_jax on every worker):
-#   TPU=my-pod ZONE=us-central2-b bash launch/tpu_pod.sh configs/default.py gs://bucket/runs/r1 [--config.key=value ...]
+#   TPU=my-pod ZONE=us-central2-b bash launch/tpu_pod.sh configs/default.py /mnt/shared/runs/r1 [--config.key=value ...]
 #
 # Every worker runs the same command; JAX detects the pod (TPU_WORKER_HOSTNAMES) and joins the
 # processes, each worker reads only its share of every batch, and worker 0 writes the reports.
-# The workdir must be shared by all workers (a gs:// bucket or a mounted filesystem): orbax
-# writes the checkpoints collectively.
+# The workdir must be a folder every worker mounts at the same path (e.g. a Filestore NFS share):
+# orbax writes the checkpoints collectively. A URL (gs://...) is refused: mount the bucket first.
 set -euo pipefail
 config=${1:?usage: $0 CONFIG WORKDIR [overrides...]}
 workdir=${2:?usage: $0 CONFIG WORKDIR [overrides...]}

@@ -221,6 +221,9 @@ def test_an_unusable_workdir_is_named_and_nothing_is_left_behind(tmp_path):
         assert "no folder can be created in /proc" in cli.workdir_problem("/proc/weckd")
     assert cli.workdir_problem(str(tmp_path / "new" / "run")) is None
     assert cli.workdir_problem(str(tmp_path)) is None
+    for url in ("gs://bucket/runs/r1", "s3://bucket/r1"):  # not a folder named gs: here
+        assert cli.workdir_problem(url).startswith(f"--workdir {url} is a URL; runs are written")
+    assert cli.workdir_problem(str(tmp_path / "a:b")) is None
     assert sorted(os.listdir(tmp_path)) == ["taken"]  # the probe folders are gone
 
 

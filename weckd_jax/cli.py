@@ -7,6 +7,7 @@ from __future__ import annotations
 import _thread
 import difflib
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -255,8 +256,14 @@ def unexpected_arguments(args: list[str]) -> str:
 
 
 def workdir_problem(path: str) -> str | None:
-    """Why ``path`` cannot be a run's folder (a file; a place where no folder can be made), or
-    None. Leaves nothing behind: a folder made to test the place is removed at once."""
+    """Why ``path`` cannot be a run's folder (a URL; a file; a place where no folder can be
+    made), or None. Leaves nothing behind: a folder made to test the place is removed at once."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path):
+        # Read as a local path, gs://bucket/x is the folder gs:/bucket/x under the current one.
+        return (
+            f"--workdir {path} is a URL; runs are written to a filesystem: mount the bucket "
+            "(e.g. gcsfuse, or a shared filesystem every host sees) and give the mounted folder"
+        )
     if os.path.lexists(path) and not os.path.isdir(path):
         return f"--workdir {path} is a file or a broken link, not a folder; choose another"
     folder = files.nearest_existing(path)
