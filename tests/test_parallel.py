@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -172,6 +173,50 @@ def test_ctrl_c_on_a_multi_process_run_is_reported_by_process_0_alone(tmp_path):
         f"{workdir}; rerun the same command to resume\n"
     )
     assert errs[1] == ""
+
+
+SLURM_SCRIPT = textwrap.dedent(
+    """
+    import jax
+    from weckd_jax import distributed
+
+    assert distributed.initialize()  # SLURM detected, no flags given
+    print("VISIBLE", jax.process_index(), jax.config.values["jax_cuda_visible_devices"])
+    """
+)
+
+
+def test_slurm_script_starts_one_process_per_gpu():
+    # jax.distributed.initialize gives each process of a SLURM job one GPU, number SLURM_LOCALID
+    # of its node (checked on two simulated tasks of one node): one task per node would train on
+    # its first GPU alone.
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SLURM_SCRIPT],
+            cwd=REPO,
+            env=dict(
+                os.environ,
+                SLURM_JOB_ID="1",
+                SLURM_STEP_NODELIST="localhost",
+                SLURM_NTASKS="2",
+                SLURM_PROCID=str(i),
+                SLURM_LOCALID=str(i),
+                JAX_COORDINATOR_PORT=str(port),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for i, (p, (out, err)) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, err[-3000:]
+        assert f"VISIBLE {i} {i}" in out
+    with open(os.path.join(REPO, "launch", "slurm_gpu.sbatch")) as f:
+        directives = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", f.read(), re.MULTILINE))
+    assert directives["ntasks-per-node"] == directives["gpus-per-node"]
 
 
 def _metrics(workdir):
