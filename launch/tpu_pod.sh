@@ -4,8 +4,9 @@
 # Usage (from your workstation; the repository must be at ~/weckd_jax on every worker):
 #   TPU=my-pod ZONE=us-central2-b bash launch/tpu_pod.sh configs/default.py /mnt/shared/runs/r1 [--config.key=value ...]
 #
-# Every worker runs the same command; JAX detects the pod (TPU_WORKER_HOSTNAMES) and joins the
-# processes, each worker reads only its share of every batch, and worker 0 writes the reports.
+# Every worker runs the same command; with --multihost JAX finds the pod's workers (from the TPU
+# VM's metadata server) and joins their processes, each worker reads only its share of every
+# batch, and worker 0 writes the reports.
 # The workdir must be a folder every worker mounts at the same path (e.g. a Filestore NFS share):
 # orbax writes the checkpoints collectively. A URL (gs://...) is refused: mount the bucket first.
 set -euo pipefail
@@ -15,5 +16,5 @@ shift 2
 gcloud compute tpus tpu-vm ssh "${TPU:?set TPU}" --zone "${ZONE:?set ZONE}" --worker=all --command "
   cd ~/weckd_jax &&
   pip install -q -e . 'jax[tpu]' &&
-  python -m weckd_jax.launch --config '$config' --workdir '$workdir' $*
+  python -m weckd_jax.launch --multihost --config '$config' --workdir '$workdir' $*
 "

@@ -222,3 +222,23 @@ def test_slurm_script_starts_one_process_per_gpu():
 def _metrics(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def test_multihost_leaves_finding_the_processes_to_jax(monkeypatch):
+    # A Cloud TPU VM pod slice sets no environment variable naming its workers: only JAX's query
+    # of the metadata server finds them, so launch/tpu_pod.sh asks for it with --multihost.
+    from weckd_jax import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed.jax.config, "update", lambda *args: None)
+    monkeypatch.setattr(
+        distributed.jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs)
+    )
+    for name in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    assert not distributed.initialize() and calls == []  # one process: nothing to join
+    assert distributed.initialize(multihost=True)
+    assert calls == [dict(coordinator_address=None, num_processes=None, process_id=None)]
+    with open(os.path.join(REPO, "launch", "tpu_pod.sh")) as f:
+        command = f.read().split("python -m weckd_jax.launch", 1)[1].splitlines()[0]
+    assert "--multihost" in command.split()

@@ -316,7 +316,7 @@ def test_every_tool_reports_a_bad_config_file_or_key_in_one_line(tmp_path):
 
 
 HELP_FLAGS = {  # every flag each tool takes
-    "launch": ["config", "workdir", "coordinator", "num_processes", "process_id"],
+    "launch": ["config", "workdir", "coordinator", "num_processes", "process_id", "multihost"],
     "tune": ["config", "workdir", "trials", "evaluate_best"],
     "bench": ["config", "json", "overwrite", "repeats", "steps"],
     "evaluate": ["config", "workdir", "split", "name"],

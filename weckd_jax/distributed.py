@@ -14,8 +14,10 @@ import jax
 
 
 def cluster_detected(environ: dict[str, str] | None = None) -> bool:
-    """Whether the environment is a multi-process job JAX can join by itself (SLURM with several
-    tasks, or a Cloud TPU pod slice with several workers)."""
+    """Whether the environment variables show a multi-process job JAX can join by itself (SLURM
+    with several tasks, or a TPU pod slice on GKE with several workers). A Cloud TPU VM pod slice
+    shows itself only to a query of its metadata server, which JAX makes: ``multihost=True`` in
+    `initialize` (``launch --multihost``) joins it."""
     env = os.environ if environ is None else environ
     slurm_tasks = int(env.get("SLURM_NTASKS", "1") or 1)
     tpu_workers = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
@@ -26,12 +28,15 @@ def initialize(
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    *,
+    multihost: bool = False,
 ) -> bool:
     """Calls `jax.distributed.initialize` when this is a multi-process run; returns whether it did.
 
     Explicit ``coordinator`` (``host:port`` of process 0), ``num_processes`` and ``process_id``
-    win; otherwise SLURM and Cloud TPU pods are detected from their environment variables. A
-    single process (the default) initialises nothing.
+    win; ``multihost`` leaves finding the job's processes to JAX (Cloud TPU VM pod slices, SLURM,
+    Open MPI, GKE); otherwise SLURM and TPU pods on GKE are detected from their environment
+    variables (`cluster_detected`). A single process (the default) initialises nothing.
     """
     explicit = (coordinator, num_processes, process_id)
     if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
@@ -39,7 +44,7 @@ def initialize(
             "--coordinator, --num_processes and --process_id go together: give all three "
             "(e.g. --coordinator=10.0.0.1:1234 --num_processes=2 --process_id=0) or none"
         )
-    if coordinator is None and not cluster_detected():
+    if coordinator is None and not multihost and not cluster_detected():
         return False
     # CPU hosts need a collectives backend for cross-process all-reduces; GPUs and TPUs ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -33,6 +33,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: a new o
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost",
+    False,
+    "Join the processes of a multi-host job that JAX finds itself (a Cloud TPU VM pod slice, "
+    "SLURM, Open MPI); SLURM and TPU pods on GKE are joined without it.",
+)
 
 USER_ERRORS = (
     config_lib.ConfigError,
@@ -62,7 +68,12 @@ def main(argv: list[str]) -> None:
     if problem := cli.workdir_problem(workdir):
         cli.fail(problem)
     try:
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        distributed.initialize(
+            _COORDINATOR.value,
+            _NUM_PROCESSES.value,
+            _PROCESS_ID.value,
+            multihost=_MULTIHOST.value,
+        )
     except ValueError as e:
         cli.fail(str(e))
     try:
