@@ -13,8 +13,10 @@ set -euo pipefail
 config=${1:?usage: $0 CONFIG WORKDIR [overrides...]}
 workdir=${2:?usage: $0 CONFIG WORKDIR [overrides...]}
 shift 2
+# Quoted for the workers' shell, so a path or override with spaces or quotes arrives as given.
+args=$(printf ' %q' --config "$config" --workdir "$workdir" "$@")
 gcloud compute tpus tpu-vm ssh "${TPU:?set TPU}" --zone "${ZONE:?set ZONE}" --worker=all --command "
   cd ~/weckd_jax &&
   pip install -q -e . 'jax[tpu]' &&
-  python -m weckd_jax.launch --multihost --config '$config' --workdir '$workdir' $*
+  python -m weckd_jax.launch --multihost$args
 "

@@ -239,6 +239,30 @@ def test_multihost_leaves_finding_the_processes_to_jax(monkeypatch):
     assert not distributed.initialize() and calls == []  # one process: nothing to join
     assert distributed.initialize(multihost=True)
     assert calls == [dict(coordinator_address=None, num_processes=None, process_id=None)]
-    with open(os.path.join(REPO, "launch", "tpu_pod.sh")) as f:
-        command = f.read().split("python -m weckd_jax.launch", 1)[1].splitlines()[0]
-    assert "--multihost" in command.split()
+
+
+def test_tpu_pod_script_runs_launch_multihost_with_its_arguments_as_given(tmp_path):
+    # A stand-in gcloud keeps the command the workers' shell would run.
+    gcloud = tmp_path / "gcloud"
+    gcloud.write_text(
+        '#!/usr/bin/env bash\nfor a in "$@"; do last="$a"; done\necho "$last" > "$OUT"\n'
+    )
+    gcloud.chmod(0o755)
+    out = tmp_path / "remote.sh"
+    args = ["configs/my cfg.py", "/mnt/runs/it's", "--config.data.root=/mnt/a b"]
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", TPU="t", ZONE="z", OUT=str(out))
+    subprocess.run(["bash", "launch/tpu_pod.sh", *args], cwd=REPO, env=env, check=True)
+    launch = out.read_text().split("python -m weckd_jax.launch", 1)[1].splitlines()[0]
+    split = subprocess.run(
+        ["bash", "-c", f'for a in {launch}; do echo "$a"; done'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert split.stdout.splitlines() == [
+        "--multihost",
+        "--config",
+        *args[:1],
+        "--workdir",
+        *args[1:],
+    ]
