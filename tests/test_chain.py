@@ -678,6 +678,13 @@ def test_a_batch_larger_than_the_link_data_is_warned_about(tmp_path):
     assert "note: no one-step KD baseline with chain.length < 3" in stream.getvalue()
     assert "note: no same-fraction baseline with chain.length 1" in stream.getvalue()
     assert results["baselines"] == {}
+    # Following the notes' advice in the run's folder: nothing trains either way, so no config
+    # change is refused (a baseline the chain trains cannot be switched off, see above).
+    config.baselines.one_step_kd = config.baselines.same_fraction = False
+    stream = io.StringIO()
+    again = chain.run(config, str(tmp_path), Progress(stream=stream))
+    assert "note:" not in stream.getvalue() and "finished earlier" in stream.getvalue()
+    assert again["links"] == json.loads(json.dumps(results["links"]))
 
 
 @pytest.mark.parametrize(

@@ -650,16 +650,35 @@ def plan_jobs(config, splits: Splits, num_classes: int) -> list[Job]:
     return jobs
 
 
+# The baselines that need a chain of at least this many links: with fewer, a link is that model.
+MIN_LINKS = {"same_fraction": 2, "one_step_kd": 3}
+
+
 def runs_one_step_kd(config) -> bool:
     """Whether the run has the one-step KD baseline: asked for, and a chain of 3 links or more
     (with 2, link 2 is already link 1 distilled in one step)."""
-    return config.baselines.one_step_kd and config.chain.length >= 3
+    return config.baselines.one_step_kd and config.chain.length >= MIN_LINKS["one_step_kd"]
 
 
 def runs_same_fraction(config) -> bool:
     """Whether the run has the same-fraction baseline: asked for, and a chain of 2 links or
     more (with 1, link 1 is that model: the same job, bit for bit)."""
-    return config.baselines.same_fraction and config.chain.length >= 2
+    return config.baselines.same_fraction and config.chain.length >= MIN_LINKS["same_fraction"]
+
+
+def _idle_baselines(saved: dict, config) -> list[str]:
+    """The ``baselines.*`` keys of the baselines that neither ``config`` nor the ``saved`` run
+    (a ``config.json`` with the same ``chain.length``) trains, its chain being too short
+    (`MIN_LINKS`): on or off, they change nothing, as the run's note says. (A key the record
+    lacks is no such change: the run was started by another version.)"""
+    if saved.get("chain", {}).get("length") != config.chain.length:
+        return []
+    recorded = saved.get("baselines", {})
+    return [
+        f"baselines.{name}"
+        for name, links in MIN_LINKS.items()
+        if config.chain.length < links and name in recorded
+    ]
 
 
 def data_record(data: ImageSet, splits: Splits | None = None) -> dict:
@@ -697,7 +716,8 @@ def _write_config(path: str, config) -> None:
 
 def check_workdir(config, workdir: str) -> None:
     """Refuses a workdir that holds a run with another config (``config.json``; switching a
-    baseline on is allowed, see `config.added_baselines`): resuming it would mix two
+    baseline on is allowed, see `config.added_baselines`, and so is any change of a baseline
+    the chain is too short to train, `_idle_baselines`): resuming it would mix two
     experiments; one that is no run's folder: a search's (``study.db``) or a
     folder of images; and, for a single run, a multi-seed experiment's folder. Cheap: called
     before any data is loaded."""
@@ -726,8 +746,8 @@ def check_workdir(config, workdir: str) -> None:
     with open(path) as f:
         saved = config_lib.with_added_keys(json.load(f))
     now = config_lib.as_json(config)
-    added = config_lib.added_baselines(saved, now)
-    keys = [key for key in config_lib.differing_keys(saved, now) if key not in added]
+    allowed = config_lib.added_baselines(saved, now) + _idle_baselines(saved, config)
+    keys = [key for key in config_lib.differing_keys(saved, now) if key not in allowed]
     if saved.get("seeds") and config_lib.seed_list(config):
         # A multi-seed experiment may gain or drop seeds: each seed_<s>/ is checked on its own.
         keys = [key for key in keys if key != "seeds"]
