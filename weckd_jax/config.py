@@ -587,7 +587,8 @@ def from_run(folder: str) -> ml_collections.ConfigDict:
     Built on `base_config`, so every value keeps its key's type and ``--config.KEY=VALUE``
     overrides work as on any config file's. Keys that change nothing a run computes
     (`HARMLESS_KEYS`, ``tune.*``) and that the record lacks get their defaults, as a resumed run
-    accepts them. Any other key the record lacks (or has and this version does not) is refused:
+    accepts them, and keys added since it was recorded (`ADDED_KEYS`) the value that gives what
+    it computed. Any other key the record lacks (or has and this version does not) is refused:
     the record was written by another version of weckd_jax, and filling in this version's
     default would give a config that claims to be the run's but need not give its numbers.
 
