@@ -241,6 +241,21 @@ def test_multihost_leaves_finding_the_processes_to_jax(monkeypatch):
     assert calls == [dict(coordinator_address=None, num_processes=None, process_id=None)]
 
 
+def test_multihost_where_jax_finds_no_job_is_named_with_the_fix(tmp_path):
+    workdir = tmp_path / "run"
+    out = run_python(
+        "-m", "weckd_jax.launch", "--config", "configs/smoke.py", "--workdir", str(workdir),
+        "--multihost",
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.startswith(
+        "error: --multihost: JAX found no multi-host job here (coordinator_address should be "
+        "defined). Run it on every worker of a Cloud TPU VM pod slice (launch/tpu_pod.sh)"
+    )
+    assert out.stderr.count("\n") == 1 and "leave --multihost out" in out.stderr
+    assert not workdir.exists()
+
+
 def test_tpu_pod_script_runs_launch_multihost_with_its_arguments_as_given(tmp_path):
     # A stand-in gcloud keeps the command the workers' shell would run.
     gcloud = tmp_path / "gcloud"

@@ -37,6 +37,10 @@ def initialize(
     win; ``multihost`` leaves finding the job's processes to JAX (Cloud TPU VM pod slices, SLURM,
     Open MPI, GKE); otherwise SLURM and TPU pods on GKE are detected from their environment
     variables (`cluster_detected`). A single process (the default) initialises nothing.
+
+    Raises:
+      ValueError: the flags are given in part, or ``multihost`` finds no job to join (naming
+        the fix).
     """
     explicit = (coordinator, num_processes, process_id)
     if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
@@ -48,9 +52,20 @@ def initialize(
         return False
     # CPU hosts need a collectives backend for cross-process all-reduces; GPUs and TPUs ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+        )
+    except ValueError as e:
+        if coordinator is not None or not multihost:
+            raise
+        # JAX's own words ("coordinator_address should be defined.") name no flag and no fix.
+        raise ValueError(
+            f"--multihost: JAX found no multi-host job here ({str(e).rstrip('.')}). Run it on "
+            "every worker of a Cloud TPU VM pod slice (launch/tpu_pod.sh) or in a SLURM, Open "
+            "MPI or GKE job, give --coordinator, --num_processes and --process_id instead, or "
+            "leave --multihost out to train in this one process"
+        ) from None
     return True
 
 
