@@ -180,6 +180,47 @@ def test_best_config_reproduces_the_best_trial(search, tmp_path):
     assert [x["fingerprint"] for x in rerun["links"]] == [x["fingerprint"] for x in trial["links"]]
 
 
+def test_a_best_config_lacking_a_key_added_since_is_read_or_named_with_its_fix(
+    tmp_path, monkeypatch
+):
+    import types
+
+    config = search_config()
+    trial = types.SimpleNamespace(number=3, value=0.5, params={"distill.alpha": 0.25})
+    study = types.SimpleNamespace(study_name="weckd-last_link-0", best_trial=trial)
+
+    as_json = config_lib.as_json
+
+    def before_the_key(c):  # the record of a version without baselines.same_fraction
+        recorded = as_json(c)
+        del recorded["baselines"]["same_fraction"]
+        return recorded
+
+    with monkeypatch.context() as m:
+        m.setattr(tune.config_lib, "as_json", before_the_key)
+        path, _ = tune.write_best_config(config, study, str(tmp_path))
+    with open(path) as f:
+        assert "same_fraction" not in f.read()
+    # Read as the search that wrote it ran: without the baseline.
+    loaded = config_lib.load_file(path)
+    assert loaded.baselines.same_fraction is False and loaded.distill.alpha == 0.25
+    config_lib.validate(loaded)
+    # A file written before best_config.py filled them in: refused with the fix.
+    with open(path) as f:
+        text = f.read()
+    text = text.replace("config_lib.with_added_keys(CONFIG)", "copy.deepcopy(CONFIG)")
+    old = tmp_path / "old_best_config.py"
+    old.write_text("import copy\n" + text)
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.load_file(str(old))
+    assert str(error.value) == (
+        f"config file {old} lacks baselines.same_fraction, added to weckd_jax since it was "
+        "written (e.g. a search's best_config.py): rerun that search's command, which writes "
+        "its best_config.py anew, or set baselines.same_fraction = False in it (what its "
+        "version did)"
+    )
+
+
 def test_final_evaluation_on_test_once(search):
     config, workdir = search["config"], search["workdir"]
     assert "test accuracy of link 2: " in search["rerun"].stdout

@@ -208,6 +208,16 @@ def load_file(path: str) -> ml_collections.ConfigDict:
             "ml_collections.ConfigDict; return weckd_jax.config.base_config() with some keys "
             "changed (see configs/smoke.py)"
         )
+    missing = _missing_keys(config)
+    if missing and all(key in ADDED_KEYS for key in missing):
+        # Written before these keys existed (a search's best_config.py, say): `validate`'s
+        # advice to build on base_config() does not fit a file weckd_jax wrote itself.
+        values = " and ".join(f"{key} = {ADDED_KEYS[key]!r}" for key in missing)
+        raise ConfigError(
+            f"config file {file} lacks {', '.join(missing)}, added to weckd_jax since it was "
+            "written (e.g. a search's best_config.py): rerun that search's command, which "
+            f"writes its best_config.py anew, or set {values} in it (what its version did)"
+        )
     return config
 
 
@@ -254,6 +264,12 @@ def _leaves(tree, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
+def _missing_keys(config) -> list[str]:
+    """The keys of `base_config` that ``config`` lacks, ``tune.*`` aside."""
+    present = dict(_leaves(config))
+    return [k for k, _ in _leaves(base_config()) if k not in present and not k.startswith("tune.")]
+
+
 def _check_keys_and_numbers(config) -> None:
     """Every key of `base_config` is there (``tune.*`` aside), no other key is, and every float
     is finite."""
@@ -268,7 +284,7 @@ def _check_keys_and_numbers(config) -> None:
             "otherwise be ignored silently: rename or remove it (all keys are listed in "
             "weckd_jax/config.py)"
         )
-    missing = [k for k in defaults if k not in present and not k.startswith("tune.")]
+    missing = _missing_keys(config)
     if missing:
         raise ConfigError(
             f"the config lacks {len(missing)} key(s) a run needs: {', '.join(missing[:5])}"

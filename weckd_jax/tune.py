@@ -538,15 +538,17 @@ Tuned values:
 {tuned}
 """
 
-import copy
-
 import ml_collections
+
+from weckd_jax import config as config_lib
 
 CONFIG = {pprint.pformat(values, width=100, sort_dicts=False)}
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(copy.deepcopy(CONFIG))
+    # Keys added to weckd_jax after this file was written get the value that gives what this
+    # search computed (config.ADDED_KEYS).
+    return ml_collections.ConfigDict(config_lib.with_added_keys(CONFIG))
 '''
     path = os.path.join(workdir, "best_config.py")
     files.write_text(path, text)
