@@ -11,7 +11,7 @@ import os
 
 from weckd_jax import files
 from weckd_jax.figures import CHAIN_ACCURACY, CONFUSION_MATRIX, FIGURE_DIR, RELIABILITY
-from weckd_jax.seeds import BASELINE_NAMES, GAIN_LABELS
+from weckd_jax.seeds import BASELINE_NAMES, GAIN_BASELINES, GAIN_LABELS
 
 __all__ = ["render_report", "render_summary", "write_report", "write_summary"]
 
@@ -30,6 +30,13 @@ _FIGURES = (
     (RELIABILITY, "Reliability diagram of the last link on the test split"),
 )
 _SPLIT_TITLES = {"train": "train pool", "val": "validation", "test": "test"}
+# What each of `GAIN_BASELINES` is, in the sentence of the last link's gains.
+_GAIN_BASELINE_WHAT = {
+    "same_fraction": "the same-fraction baseline (its backbone on its own images and labels, "
+    "no teacher)",
+    "one_step_kd": "one-step KD (the same student and images, taught by link 1 directly)",
+    "union_supervised": "the union baseline (one backbone on the same labelled images)",
+}
 
 
 def _num(value, digits: int = 3) -> str:
@@ -169,21 +176,9 @@ def render_report(results: dict, workdir: str = "") -> str:
     gains = results.get("gains", {})
     sentence = f"Test accuracy of link {last['link']} minus link 1: "
     sentence += f"**{_points(gains.get('last_minus_link_1'))} points**"
-    if "last_minus_same_fraction" in gains:
-        sentence += (
-            "; minus the same-fraction baseline (its backbone on its own images and labels, "
-            f"no teacher): **{_points(gains['last_minus_same_fraction'])} points**"
-        )
-    if "last_minus_one_step_kd" in gains:
-        sentence += (
-            "; minus one-step KD (the same student and images, taught by link 1 directly): "
-            f"**{_points(gains['last_minus_one_step_kd'])} points**"
-        )
-    if "last_minus_union_supervised" in gains:
-        sentence += (
-            "; minus the union baseline (one backbone on the same labelled images): "
-            f"**{_points(gains['last_minus_union_supervised'])} points**"
-        )
+    for name in GAIN_BASELINES:
+        if (key := f"last_minus_{name}") in gains:
+            sentence += f"; minus {_GAIN_BASELINE_WHAT[name]}: **{_points(gains[key])} points**"
     lines += [sentence + ".", ""]
     others = [(f"over link {links[0]['link']}", links[0])]
     others += [(f"over {_model_label(n, b)}", b) for n, b in baselines.items()]
