@@ -613,7 +613,7 @@ def plan_jobs(config, splits: Splits, num_classes: int) -> list[Job]:
             )
         )
     last, last_link = specs[-1], jobs[-1]
-    if runs_same_fraction(config):
+    if runs_baseline(config, "same_fraction"):
         jobs.append(
             dataclasses.replace(last_link, name="same_fraction", teachers=(), init_from=None)
         )
@@ -637,7 +637,7 @@ def plan_jobs(config, splits: Splits, num_classes: int) -> list[Job]:
                 label_mask=np.ones(len(splits.train), bool),
             )
         )
-    if runs_one_step_kd(config):
+    if runs_baseline(config, "one_step_kd"):
         warm = config.chain.init_from_teacher and specs[0] == last
         jobs.append(
             dataclasses.replace(
@@ -650,20 +650,28 @@ def plan_jobs(config, splits: Splits, num_classes: int) -> list[Job]:
     return jobs
 
 
-# The baselines that need a chain of at least this many links: with fewer, a link is that model.
+# The baselines that need a chain of at least this many links: with fewer, a link is that model
+# (with 1 link, link 1 is the same-fraction baseline bit for bit; with 2, link 2 is link 1
+# distilled in one step).
 MIN_LINKS = {"same_fraction": 2, "one_step_kd": 3}
+# What a run asked for such a baseline says when its chain is too short.
+_TOO_SHORT_NOTES = {
+    "one_step_kd": (
+        "note: no one-step KD baseline with chain.length < 3 (link 2 is link 1 distilled in "
+        "one step already); set baselines.one_step_kd=False to silence this"
+    ),
+    "same_fraction": (
+        "note: no same-fraction baseline with chain.length 1 (link 1 is the last link's "
+        "backbone on its fraction without a teacher already); set "
+        "baselines.same_fraction=False to silence this"
+    ),
+}
 
 
-def runs_one_step_kd(config) -> bool:
-    """Whether the run has the one-step KD baseline: asked for, and a chain of 3 links or more
-    (with 2, link 2 is already link 1 distilled in one step)."""
-    return config.baselines.one_step_kd and config.chain.length >= MIN_LINKS["one_step_kd"]
-
-
-def runs_same_fraction(config) -> bool:
-    """Whether the run has the same-fraction baseline: asked for, and a chain of 2 links or
-    more (with 1, link 1 is that model: the same job, bit for bit)."""
-    return config.baselines.same_fraction and config.chain.length >= MIN_LINKS["same_fraction"]
+def runs_baseline(config, name: str) -> bool:
+    """Whether the run trains baseline ``name`` (``baselines.<name>``): asked for, and a chain
+    long enough for it (`MIN_LINKS`)."""
+    return config.baselines[name] and config.chain.length >= MIN_LINKS.get(name, 1)
 
 
 def _idle_baselines(saved: dict, config) -> list[str]:
@@ -917,17 +925,9 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
     for note in prepared.cache_notes:
         progress.print(note)
     mesh = parallel.data_mesh()
-    if config.baselines.one_step_kd and not runs_one_step_kd(config):
-        progress.print(
-            "note: no one-step KD baseline with chain.length < 3 (link 2 is link 1 distilled in "
-            "one step already); set baselines.one_step_kd=False to silence this"
-        )
-    if config.baselines.same_fraction and not runs_same_fraction(config):
-        progress.print(
-            "note: no same-fraction baseline with chain.length 1 (link 1 is the last link's "
-            "backbone on its fraction without a teacher already); set "
-            "baselines.same_fraction=False to silence this"
-        )
+    for name, note in _TOO_SHORT_NOTES.items():
+        if config.baselines[name] and not runs_baseline(config, name):
+            progress.print(note)
     eval_kw = {"batch_size": config.train.eval_batch_size, "mesh": mesh, "timer": timer}
 
     records, test_probs = {}, {}
