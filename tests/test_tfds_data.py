@@ -76,7 +76,8 @@ with tfds.core.registered.skip_registration():  # read back from its files, like
 def prepared(tmp_path_factory):
     """A data_dir holding WeckdTestScans as array_record, written without TensorFlow."""
     data_dir = tmp_path_factory.mktemp("tfds")
-    WeckdTestScans(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    with tfds_data._scratch_tempdir():  # the builder's empty folder from GCS lookup goes with it
+        WeckdTestScans(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
     return str(data_dir)
 
 
