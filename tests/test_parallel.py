@@ -151,6 +151,48 @@ def test_a_busy_workdir_stops_every_process_of_a_multi_process_run(tmp_path):
         assert "is in use by another" in err and "Traceback" not in err
 
 
+DEFAULT_WORKDIR_SCRIPT = textwrap.dedent(
+    """
+    import datetime, sys
+    from weckd_jax import distributed, launch
+
+    port, i = sys.argv[1], int(sys.argv[2])
+
+    class Clock(datetime.datetime):  # process 1's clock is one second ahead, past midnight
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2026, 1, 1, 23, 59, 59) + datetime.timedelta(seconds=i)
+
+    launch.datetime.datetime = Clock
+    assert distributed.initialize(f"127.0.0.1:{port}", 2, i)
+    print("WORKDIR", launch.default_workdir("configs/smoke.py"))
+    """
+)
+
+
+def test_processes_whose_clocks_differ_agree_on_the_default_workdir():
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", DEFAULT_WORKDIR_SCRIPT, str(port), str(i)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    named = [re.findall(r"^WORKDIR (.*)$", out, re.M) for out, _ in outs]
+    assert named == [[os.path.join("runs", "20260101-235959-smoke")]] * 2
+
+
 def test_ctrl_c_on_a_multi_process_run_is_reported_by_process_0_alone(tmp_path):
     # Every process of the run gets the Ctrl-C (as from a terminal or srun) and exits with 130;
     # one line says what is kept, not one line per process.

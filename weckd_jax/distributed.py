@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 
 def cluster_detected(environ: dict[str, str] | None = None) -> bool:
@@ -73,3 +75,13 @@ def is_process_zero() -> bool:
     """Whether this process speaks for the run (prints, writes reports): process 0 of a joined
     multi-process run, or a process that joined none (no JAX backend is started to find out)."""
     return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+def process_zero_text(text: str) -> str:
+    """Process 0's `text` on every process of a joined multi-process run (``text`` itself in a
+    single process), e.g. a name made from the local clock, which may differ across hosts.
+    Every process must pass a text of the same length in UTF-8 bytes."""
+    if not jax.distributed.is_initialized() or jax.process_count() == 1:
+        return text
+    data = np.frombuffer(text.encode(), np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(data))).decode()

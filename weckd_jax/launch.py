@@ -51,7 +51,9 @@ USER_ERRORS = (
 
 
 def default_workdir(config_path: str) -> str:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    """``runs/<local time of process 0>-<config name>``: the same folder on every process of a
+    multi-process run (call it after `distributed.initialize`), whose clocks may disagree."""
+    stamp = distributed.process_zero_text(datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     return os.path.join("runs", f"{stamp}-{cli.config_name(config_path)}")
 
 
@@ -62,11 +64,6 @@ def main(argv: list[str]) -> None:
         cli.fail(cli.unexpected_arguments(argv[1:]))
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     config = _CONFIG.value
-    workdir = _WORKDIR.value or default_workdir(
-        config_flags.get_config_filename(flags.FLAGS["config"])
-    )
-    if problem := cli.workdir_problem(workdir):
-        cli.fail(problem)
     try:
         distributed.initialize(
             _COORDINATOR.value,
@@ -76,6 +73,11 @@ def main(argv: list[str]) -> None:
         )
     except ValueError as e:
         cli.fail(str(e))
+    workdir = _WORKDIR.value or default_workdir(
+        config_flags.get_config_filename(flags.FLAGS["config"])
+    )
+    if problem := cli.workdir_problem(workdir):
+        cli.fail(problem)
     try:
         config_lib.validate(config, workdir)
         progress = Progress(enabled=distributed.is_process_zero())
