@@ -89,6 +89,31 @@ def test_an_image_size_too_small_for_the_small_stem_asks_only_for_larger_images(
     )
 
 
+def test_every_problem_of_a_config_is_named_at_once():
+    # A check that reads another key (image size for a backbone and stem) waits for that key.
+    config = base_config()
+    config.seeds = "0,x"
+    config.data.modality = "xray"
+    config.model.backbone = "vgg16"
+    config.model.stem = "huge"
+    config.data.image_size = 4
+    config.train.learning_rate = -1.0
+    with pytest.raises(ConfigError) as e:
+        validate(config)
+    assert str(e.value).split("\n") == [
+        "the config has 5 problems, fix each:",
+        "  seeds='0,x' must be comma-separated integers, e.g. 0,1,2",
+        "  data.modality='xray' is unknown; valid: otoscopy, microscopy, mri",
+        "  model.backbone 'vgg16' is unknown; valid: resnet10, resnet18, resnet34, resnet50, "
+        "mobilenetv2",
+        "  model.stem='huge' is unknown; valid: small, imagenet",
+        "  train.learning_rate=-1.0 must be > 0",
+    ]
+    config.model.backbone, config.model.stem = "resnet18", "small"  # now the size is checked
+    with pytest.raises(ConfigError, match="4 problems(.|\n)*data.image_size=4 is too small"):
+        validate(config)
+
+
 def test_a_config_lacking_keys_or_not_a_configdict_is_named():
     with pytest.raises(ConfigError, match="is a dict, not an ml_collections.ConfigDict"):
         validate(base_config().to_dict())

@@ -310,12 +310,16 @@ def validate(config, workdir: str | None = None, *, trains: bool = True) -> None
         evaluation of trained models (`weckd_jax.evaluate`) rounds its batch up instead.
 
     Raises:
-      ConfigError: naming the key, the bad value and the fix (the first problem found).
+      ConfigError: naming the key, the bad value and the fix; several problems are listed
+        together, one per line (a key missing or misspelt, or a number that is not finite, is
+        reported alone: the other checks would read the wrong keys).
     """
+    problems = []
 
-    def need(ok: bool, message: str) -> None:
+    def need(ok: bool, message: str) -> bool:
         if not ok:
-            raise ConfigError(message)
+            problems.append(message)
+        return ok
 
     c = config
     if not isinstance(c, ml_collections.ConfigDict):
@@ -328,8 +332,8 @@ def validate(config, workdir: str | None = None, *, trains: bool = True) -> None
     try:
         seeds = seed_list(c)
     except ValueError:
-        message = f"seeds={c.seeds!r} must be comma-separated integers, e.g. 0,1,2"
-        raise ConfigError(message) from None
+        need(False, f"seeds={c.seeds!r} must be comma-separated integers, e.g. 0,1,2")
+        seeds = []
     need(all(s >= 0 for s in seeds), f"seeds={c.seeds!r} must be >= 0")
     need(len(set(seeds)) == len(seeds), f"seeds={c.seeds!r} repeats a seed")
     need(
@@ -346,14 +350,14 @@ def validate(config, workdir: str | None = None, *, trains: bool = True) -> None
         "data.source='tfds' needs data.name, e.g. --config.data.name=malaria",
     )
     if c.data.source == "synthetic":
-        need(
+        modality_known = need(
             c.data.modality in synthetic.MODALITIES,
             f"data.modality={c.data.modality!r} is unknown; valid: "
             f"{', '.join(synthetic.MODALITIES)}",
         )
-        num_classes = len(synthetic.MODALITIES[c.data.modality])
+        num_classes = len(synthetic.MODALITIES[c.data.modality]) if modality_known else 1
         need(
-            c.data.num_images >= num_classes,
+            not modality_known or c.data.num_images >= num_classes,
             f"data.num_images={c.data.num_images} is too small: the {c.data.modality!r} modality "
             f"has {num_classes} classes; use data.num_images >= {num_classes} (default 2500)",
         )
@@ -392,17 +396,18 @@ def validate(config, workdir: str | None = None, *, trains: bool = True) -> None
         f"data.val_fraction + data.test_fraction = "
         f"{c.data.val_fraction + c.data.test_fraction:g} leaves no train pool; keep it below 1",
     )
-    need(c.chain.length >= 1, f"chain.length={c.chain.length} must be >= 1")
+    length_ok = need(c.chain.length >= 1, f"chain.length={c.chain.length} must be >= 1")
     need(
         0 < c.chain.fraction <= 1,
         f"chain.fraction={c.chain.fraction} must be in (0, 1] (share of the train pool per link)",
     )
-    need(
-        c.chain.length * c.chain.fraction <= 1 + 1e-9,
-        f"chain.length x chain.fraction = {c.chain.length} x {c.chain.fraction} = "
-        f"{c.chain.length * c.chain.fraction:g} > 1: the fractions must be disjoint; "
-        f"use chain.fraction <= {1 / c.chain.length:.4g}",
-    )
+    if length_ok:
+        need(
+            c.chain.length * c.chain.fraction <= 1 + 1e-9,
+            f"chain.length x chain.fraction = {c.chain.length} x {c.chain.fraction} = "
+            f"{c.chain.length * c.chain.fraction:g} > 1: the fractions must be disjoint; "
+            f"use chain.fraction <= {1 / c.chain.length:.4g}",
+        )
     need(
         0 < c.chain.label_ratio <= 1,
         f"chain.label_ratio={c.chain.label_ratio} must be in (0, 1]",
@@ -413,17 +418,20 @@ def validate(config, workdir: str | None = None, *, trains: bool = True) -> None
         f"model.backbone names {len(names)} backbones for chain.length={c.chain.length}; "
         "give one name, or exactly one per link",
     )
-    for name in names:
-        need(
+    known = [
+        name
+        for name in dict.fromkeys(names)
+        if need(
             name in models.BACKBONES,
             f"model.backbone {name!r} is unknown; valid: {', '.join(models.BACKBONES)}",
         )
-    need(
+    ]
+    stem_known = need(
         c.model.stem in models.STEMS,
         f"model.stem={c.model.stem!r} is unknown; valid: {', '.join(models.STEMS)}",
     )
     other_stem = " or use model.stem='small'" if c.model.stem != "small" else ""
-    for name in set(names):
+    for name in known if stem_known else ():
         smallest = models.min_image_size(name, c.model.stem)
         need(
             c.data.image_size >= smallest,
@@ -503,11 +511,20 @@ def validate(config, workdir: str | None = None, *, trains: bool = True) -> None
         try:
             parallel.check_batch_size(c.train[key], f"train.{key}")
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            need(False, str(e))
     if "tune" in c:
         from weckd_jax import tune  # here, not at the top: tune imports this module
 
-        tune.check_section(c)
+        try:
+            tune.check_section(c)
+        except ConfigError as e:
+            need(False, str(e))
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(
+            f"the config has {len(problems)} problems, fix each:\n  " + "\n  ".join(problems)
+        )
 
 
 # Keys that change nothing a run computes, so a workdir may be resumed with other values

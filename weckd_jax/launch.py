@@ -9,9 +9,9 @@ Flags:
                  join a multi-process run explicitly (SLURM and Cloud TPU pods are detected).
 
 A mistake in the config or the data stops the run before anything is compiled, with one message
-naming the problem and the fix, and exit code 2. Ctrl-C stops it with one line and exit code 130;
-the finished links and the last in-training checkpoint are kept, and rerunning the same command
-resumes.
+naming the problem and the fix (every problem of the config at once), and exit code 2. Ctrl-C
+stops it with one line and exit code 130; the finished links and the last in-training checkpoint
+are kept, and rerunning the same command resumes.
 """
 
 from __future__ import annotations
