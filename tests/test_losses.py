@@ -1121,6 +1121,27 @@ def test_errors_are_raised_at_trace_time_under_jit():
         jax.jit(lambda a: weckd_loss(a, Y2, label_mask=M2, teacher_logits=T2, alpha=2.0))(S2)
 
 
+def _ce_smoothed(eps):
+    return cross_entropy(S2, Y2, label_smoothing=eps).sum()
+
+
+@pytest.mark.parametrize(
+    "name, call",
+    [
+        ("p", lambda: jax.jit(attention_transfer)(F2, F2, p=2)),
+        ("p", lambda: jax.jit(attention_map)(F2, p=2)),
+        ("label_smoothing", lambda: jax.jit(cross_entropy)(S2, Y2, label_smoothing=0.1)),
+        ("label_smoothing", lambda: jax.grad(_ce_smoothed)(0.1)),
+    ],
+    ids=["attention_transfer", "attention_map", "jit cross_entropy", "grad cross_entropy"],
+)
+def test_traced_static_hyper_parameters_are_named_as_traced(name, call):
+    # jax.jit(fn) traces every argument it is given: the error says so and how to keep a
+    # hyper-parameter that selects the program static, instead of calling p=2 "p < 1".
+    with pytest.raises(ValueError, match=rf"{name} must be a concrete .*static_argnames='{name}'"):
+        call()
+
+
 # ------------------------------------------------------------------------------------------------
 # packaging
 # ------------------------------------------------------------------------------------------------

@@ -206,12 +206,27 @@ def _apply_where(values: jax.Array, where: jax.Array | None) -> jax.Array:
     return jnp.where(where, values, jnp.zeros((), values.dtype))
 
 
+def _check_static(name: str, value: Any) -> None:
+    """`ValueError` when ``value`` is traced: ``name`` selects the compiled program.
+
+    Otherwise the range checks below would report a traced value as out of range, e.g. after
+    ``jax.jit(attention_map)(features, p=2)``, which traces every argument it is given.
+    """
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(
+            f"{name} must be a concrete Python number, got a traced value ({value}): it selects "
+            "the compiled program. Close over it, or mark it static, e.g. jax.jit(fn, "
+            f"static_argnames='{name}')."
+        )
+
+
 def _label_smoothing(value: Any) -> float:
     """``value`` as a float, or `ValueError` unless it is a concrete number in ``[0, 1)`` (it
     selects the compiled program, so it cannot be traced)."""
+    _check_static("label_smoothing", value)
     try:
         ls = None if isinstance(value, bool | str) else float(value)
-    except (TypeError, ValueError):  # None, a list, an array, a traced value
+    except (TypeError, ValueError):  # None, a list, an array
         ls = None
     if ls is None or not 0.0 <= ls < 1.0:
         raise ValueError(
@@ -221,9 +236,10 @@ def _label_smoothing(value: Any) -> float:
 
 
 def _check_p(p: Any) -> None:
+    _check_static("p", p)
     try:  # float() would also read True as 1 and "2" as 2.
         ok = not isinstance(p, bool | str) and float(p) >= 1 and math.isfinite(float(p))
-    except (TypeError, jax.errors.ConcretizationTypeError):
+    except TypeError:  # None, a list, an array
         ok = False
     if not ok:
         raise ValueError(
