@@ -913,6 +913,30 @@ def test_dense_chain_weighted_sum():
     np.testing.assert_allclose(flat[0], nested[0], rtol=1e-6)
 
 
+def test_empty_feature_lists_mean_no_attention_term():
+    # A model without intermediate stages passes [] for both (S = 0): no AT term, as with no
+    # features at all; with beta > 0 the error says the lists are empty.
+    s, t, y = _logits(0), _logits(1), np.where(MASK, _labels(0), -1)
+    kw = dict(label_mask=MASK, temperature=2.0)
+    plain = weckd_loss(s, y, teacher_logits=t, **kw)[0]
+    empty = weckd_loss(s, y, teacher_logits=t, student_features=[], teacher_features=[], **kw)
+    np.testing.assert_array_equal(empty[0], plain)
+    np.testing.assert_array_equal(empty[1]["at"], 0.0)
+    dense = weckd_loss(
+        s, y, teacher_logits=[t, t], student_features=(), teacher_features=[[], []], **kw
+    )[0]
+    np.testing.assert_allclose(dense, plain, rtol=1e-6)
+    # Traced beta (unchecked): still no AT term, not 0/0 stages.
+    traced = jax.jit(
+        lambda b: weckd_loss(
+            s, y, teacher_logits=t, student_features=[], teacher_features=[], beta=b, **kw
+        )[0]
+    )(0.5)
+    np.testing.assert_allclose(traced, plain, rtol=1e-6)
+    with pytest.raises(ValueError, match="beta=1.0 > 0 but teacher_features and student_feat"):
+        weckd_loss(s, y, teacher_logits=t, student_features=[], teacher_features=[], beta=1.0, **kw)
+
+
 def test_weckd_where_masks_whole_examples_and_teacher_gets_no_gradient():
     s, t, y = _logits(0), _logits(1), np.where(MASK, _labels(0), -1)
     fs, ft = _feat(0, FEAT_S), _feat(1, FEAT_T)

@@ -1034,21 +1034,10 @@ def weckd_loss(
         for t in teachers:
             _check_kd_pair(student_logits, t)
         teacher_weights = _check_teacher_weights(teacher_weights, len(teachers), "teacher_weights")
-        if teacher_features is None:
-            if b is not None and b > 0:
-                raise ValueError(
-                    f"beta={b} > 0 but teacher_features is None: pass student_features and "
-                    "teacher_features (one NHWC map per stage) or set beta=0.0."
-                )
-        else:
+        if teacher_features is not None:
             per_teacher = _teacher_feature_lists(
                 teacher_features, len(teachers), len(student_features)
             )
-            if not student_features:
-                raise ValueError(
-                    "teacher_features were given but student_features is empty: pass one "
-                    "student NHWC map per stage."
-                )
             for stages in per_teacher:
                 for fs, ft in zip(student_features, stages, strict=True):
                     _check_feature_pair(fs, ft)
@@ -1058,8 +1047,14 @@ def weckd_loss(
                             f"student_logits {_shape(student_logits)}, got a map of shape "
                             f"{_shape(fs)} (NHWC). Pass the features of the same batch."
                         )
-            if b is not None and b == 0:
-                per_teacher = []  # Nothing to compute.
+        if not student_features or (b is not None and b == 0):
+            per_teacher = []  # No stage (every teacher has as many as the student), or beta=0.
+        if not per_teacher and b is not None and b > 0:
+            missing = "is None" if teacher_features is None else "and student_features are empty"
+            raise ValueError(
+                f"beta={b} > 0 but teacher_features {missing}: pass student_features and "
+                "teacher_features (one NHWC map per stage) or set beta=0.0."
+            )
     return _weckd_core(
         student_logits,
         labels,
