@@ -170,6 +170,19 @@ def test_cross_entropy_out_of_range_label_is_nan_not_wrapped():
     np.testing.assert_allclose(out, np.where(where, _np_ce(_logits(0), labels % K), 0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype, num_classes", [(np.uint8, 256), (np.int8, 200)])
+def test_narrow_integer_labels_with_more_classes_than_their_range(dtype, num_classes):
+    # K does not fit the labels' dtype (uint8 labels of 256 classes): every label is in range,
+    # none is NaN for "label >= K" with K wrapped around in the labels' dtype.
+    logits = _rng(3).standard_normal((3, num_classes)).astype(np.float32)
+    labels = np.array([0, 5, np.iinfo(dtype).max], dtype)
+    expected = _np_ce(logits, labels.astype(np.int64))
+    np.testing.assert_allclose(cross_entropy(logits, labels), expected, rtol=1e-5)
+    loss, _ = weckd_loss(logits, labels, label_mask=np.ones(3, bool))
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    assert np.isnan(cross_entropy(logits, labels.astype(np.int32) - 1)[0])  # -1: still NaN.
+
+
 # Huge logits: near float16's largest value; for bfloat16 (float32's range) 1e8: under jit,
 # XLA:CPU's fused log-softmax of logits / T overflows from about 1e9 * T on, in float32 too.
 _HUGE = {jnp.float16: 6e4, jnp.bfloat16: 1e8}

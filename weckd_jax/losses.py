@@ -326,7 +326,9 @@ def _cross_entropy_core(
     logits = _mask_rows(_float(logits), where)
     if where is not None:
         labels = jnp.where(where, labels, 0)
-    valid = (labels >= 0) & (labels < logits.shape[-1])
+    valid = labels >= 0
+    if logits.shape[-1] <= jnp.iinfo(labels.dtype).max:  # Else K wraps around in the comparison
+        valid = valid & (labels < logits.shape[-1])  # (uint8 labels, 256 classes): all below.
     safe_labels = jnp.where(valid, labels, 0)
 
     log_p = jax.nn.log_softmax(logits, axis=-1)
