@@ -432,6 +432,18 @@ def _broken_link(root):
     return root
 
 
+def _broken_class_link(root):
+    _two_classes(root)
+    (root / "c").symlink_to("/mnt/unmounted/c")  # a class folder on a drive not mounted
+    return root
+
+
+def _broken_folder_link(root):
+    _two_classes(root)
+    (root / "b" / "scans").symlink_to("/mnt/unmounted/scans")  # a folder of class b's images
+    return root
+
+
 def _duplicate_across(root):
     _two_classes(root)
     (root / "b" / "same.png").write_bytes((root / "a" / "1.png").read_bytes())
@@ -518,6 +530,8 @@ def _empty_root(root):
         (_fake_image, {}, ["b/fake.jpg", "not a PNG, JPEG", "Fix: re-copy"]),
         (_empty_image, {}, ["b/empty.png: empty file (0 bytes)", "interrupted copy"]),
         (_broken_link, {}, ["b/link.png: broken symbolic link to /no/such/scan.png", "Fix: point"]),
+        (_broken_class_link, {}, ["c: broken symbolic link to /mnt/unmounted/c", "mount"]),
+        (_broken_folder_link, {}, ["b/scans: broken symbolic link to /mnt/unmounted", "mount"]),
         (_duplicate_across, {}, ["a/1.png [a]", "b/same.png [b]", "Fix: delete the copy"]),
         (_manifest_missing, {}, ["b/gone.png", "line 4", "do not exist", "Fix: correct"]),
         (_manifest_broken_link, {}, ["line 4", "(a broken symbolic link to /no/such/scan.png)"]),

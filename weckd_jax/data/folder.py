@@ -61,6 +61,8 @@ an image that cannot be decoded (damaged, truncated,  fatal, all such files list
   image, unsupported mode, over 8 bits per channel
   in a layout Pillow cuts to 8 bits: 16-bit gray +
   alpha, CMYK, planar TIFF)
+a broken symbolic link under ``DIR`` whatever its     fatal (what it pointed to, e.g. a
+  name (a class folder, a folder in one)              class, would be left out)
 an image over Pillow's decompression-bomb limit       fatal (the limit stays on)
 the same content in two classes (by SHA-256)          fatal (conflicting labels)
 the same content twice in one class                   later copies skipped, warned
@@ -694,7 +696,9 @@ def image_files(folder: str, skipped: list[tuple[str, str]] | None = None) -> li
             path = os.path.join(dirpath, name)
             if _hidden(name):
                 skipped.append((path, "hidden or system file"))
-            elif _is_image_name(name):
+            elif _is_image_name(name) or _broken_link(path) is not None:
+                # A broken link whatever its name (it may have pointed to a folder of images):
+                # reading it fails and names the link, instead of passing over what it held.
                 found.append(path)
             else:
                 skipped.append((path, _skip_reason(name)))
@@ -723,10 +727,12 @@ def image_folder_sign(path: str) -> str | None:
 def _scan_folders(root: str) -> list[_Entry]:
     """Entries of ``root/<class>/**/<image>``; raises `DataError` for a layout that cannot work."""
     skipped: list[tuple[str, str]] = []
-    class_dirs, stray_images = [], []
+    class_dirs, stray_images, broken = [], [], []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if _hidden(entry.name):
             skipped.append((entry.path, "hidden or system file"))
+        elif (target := _broken_link(entry.path)) is not None:
+            broken.append(f"{entry.path}: broken symbolic link to {target}")
         elif entry.is_dir():
             class_dirs.append(entry.name)
         elif entry.name == MANIFEST_NAME:
@@ -735,6 +741,13 @@ def _scan_folders(root: str) -> list[_Entry]:
             stray_images.append(entry.path)
         else:
             skipped.append((entry.path, "not in a class folder"))
+    if broken:
+        raise DataError(
+            f"{len(broken)} symbolic link(s) in {root} point to nothing (a class folder linked "
+            "from a drive that is not mounted would be left out, and with it its class):\n"
+            f"{_listing(broken)}\nFix: point the links at existing folders (e.g. mount the drive "
+            "or restore the folder they point into), or delete them."
+        )
     layout = f"expected {root}/<class>/<image> (one folder per class, e.g. {root}/normal/img1.png)"
     if not class_dirs:
         if stray_images:
