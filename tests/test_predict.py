@@ -36,8 +36,8 @@ def images(smoke_run, tmp_path_factory):
         path = sub / f"{i:03d}.png"
         Image.fromarray(data.images[row]).save(path)
         paths.append(str(path))
-    (folder / "notes.txt").write_text("not an image")  # ignored: not an image extension
-    (folder / ".hidden.png").write_bytes(b"")  # ignored: hidden
+    (folder / "notes.txt").write_text("not an image")  # passed over: not an image extension
+    (folder / ".hidden.png").write_bytes(b"")  # passed over: hidden
     mesh = parallel.data_mesh()
     shape = data.images.shape[1:]
     reference = {}
@@ -84,7 +84,10 @@ def test_cli_csv_schema_and_table(smoke_run, images, tmp_path, capsys):
     assert [r[1] for r in rows[1:]] == [names[i] for i in reference[2].argmax(1)]
     assert f"{N_IMAGES} image(s) by link_2" in out
     assert os.path.basename(paths[0]) in out and f"wrote {output}" in out
-    assert err == ""
+    assert err.splitlines() == [
+        f"warning: not classified: {folder}/.hidden.png (hidden or system file)",
+        f"warning: not classified: {folder}/notes.txt (not a PNG, JPEG, BMP or TIFF file)",
+    ]
 
 
 def test_link_selection_and_single_image(smoke_run, images, tmp_path, capsys):
@@ -149,6 +152,26 @@ def test_unreadable_image_is_skipped_with_a_warning(smoke_run, images, tmp_path,
         rows = list(csv.reader(f))
     assert [r[0] for r in rows[1:]] == [str(good)]
     np.testing.assert_allclose([float(v) for v in rows[1][2:]], reference[2][0], atol=1e-5)
+
+
+def test_files_passed_over_are_named_as_training_names_them(smoke_run, images, tmp_path, capsys):
+    _, workdir, _ = smoke_run
+    _, paths, _ = images
+    scans = tmp_path / "scans"
+    (scans / ".trash").mkdir(parents=True)
+    shutil.copy(paths[0], scans / "good.png")
+    shutil.copy(paths[1], scans / ".trash" / "old.png")  # a hidden folder's image
+    (scans / "scan.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    code, out, err = _run(["--workdir", workdir, "--images", str(scans)], capsys)
+    assert code == 0 and "1 image(s) by link_2" in out
+    assert err.splitlines() == [
+        f"warning: not classified: {scans / '.trash'}/ (hidden folder)",
+        f"warning: not classified: {scans / 'scan.dcm'} (DICOM is not supported: convert it to "
+        "PNG or TIFF (16-bit grayscale is kept))",
+    ]
+    (scans / "good.png").unlink()
+    code, out, err = _run(["--workdir", workdir, "--images", str(scans)], capsys)
+    assert code == 2 and f"2 other file(s) passed over, e.g. {scans / 'scan.dcm'}: DICOM" in err
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@
 
 ``PATH`` is one image or a folder searched recursively for image files (the extensions of
 `weckd_jax.data.folder.IMAGE_EXTENSIONS`, case-insensitive; symbolic links followed; hidden files
-and folders skipped), as training reads a class folder. A path flag's value may start with ``~``
+and folders skipped), as training reads a class folder; each file passed over is named in a warning
+on stderr. A path flag's value may start with ``~``
 (the home folder, as in ``data.root``), also as ``--images=~/scans``, which the shell leaves as is.
 Each image is decoded and resized exactly as in training (`weckd_jax.data.folder.decode_image`
 with the run's ``image_size`` and ``channels`` from ``DIR/results.json``), then classified by the
@@ -162,20 +163,30 @@ def model_record(workdir: str, results: dict, link: int | str | None) -> dict:
     return found
 
 
-def find_images(path: str) -> list[str]:
+def find_images(path: str, passed_over: list[tuple[str, str]] | None = None) -> list[str]:
     """``path`` itself if it is a file, else the image files under it, sorted, found as the
     folder source finds a class's images (`weckd_jax.data.folder.image_files`: recursive,
-    symbolic links followed, hidden files skipped)."""
+    symbolic links followed, hidden files skipped); ``(path, reason)`` of each hidden or
+    non-image file passed over is appended to ``passed_over``, sorted."""
 
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
         raise PredictError(f"--images {path} does not exist")
-    found = sorted(folder.image_files(path))
+    skipped: list[tuple[str, str]] = []
+    found = sorted(folder.image_files(path, skipped))
+    skipped.sort()
     if not found:
+        other = ""
+        if skipped:  # e.g. DICOM files (their reason says how to convert them) before hidden ones
+            first, reason = ([s for s in skipped if not s[1].startswith("hidden")] or skipped)[0]
+            other = f"; {len(skipped)} other file(s) passed over, e.g. {first}: {reason}"
         raise PredictError(
-            f"no images found under {path} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"
+            f"no images found under {path} (searched recursively for "
+            f"{', '.join(IMAGE_EXTENSIONS)}){other}"
         )
+    if passed_over is not None:
+        passed_over += skipped
     return found
 
 
@@ -372,13 +383,17 @@ def main(argv: list[str] | None = None) -> int:
             problem := files.output_problem(args.output, "--output", overwrite=args.overwrite)
         ):
             raise PredictError(problem)
-        paths = find_images(args.images)
+        passed_over: list[tuple[str, str]] = []
+        paths = find_images(args.images, passed_over)
         prediction = predict(args.workdir, paths, link=args.link, batch_size=args.batch_size)
     except PredictError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         cli.interrupted("nothing was written")
+    # As training does for a class folder: no file under --images is left out unsaid.
+    for path, reason in passed_over:
+        print(f"warning: not classified: {path} ({reason})", file=sys.stderr)
     # The skipped images are named once all are read: when none could be, the error says it once.
     for path, reason in prediction.skipped:
         print(f"warning: skipped {path}, it cannot be decoded ({reason})", file=sys.stderr)
