@@ -373,6 +373,21 @@ def test_manifest_groups_fixed_split_and_unlisted_images(tmp_path, caplog):
     assert mine.class_names == ("a", "b") and mine.groups is None and mine.split is None
 
 
+def test_images_the_manifest_leaves_out_are_those_a_folder_scan_finds(tmp_path, caplog):
+    root = tmp_path / "m"
+    save_any(root / "a" / "1.png", 1)
+    save_any(root / "b" / "2.png", 2)
+    (root / "a" / "._1.png").write_bytes(b"\0\5\26\7")  # macOS metadata, not an image
+    save_any(tmp_path / "share" / "3.png", 3)
+    (root / "b" / "linked").symlink_to(tmp_path / "share")
+    (root / "manifest.csv").write_text("path,label\na/1.png,a\nb/2.png,b\n")
+    with caplog.at_level(logging.WARNING):
+        folder.load(data_config(root))
+    unlisted = [r.getMessage() for r in caplog.records if "not in the manifest" in r.getMessage()]
+    assert len(unlisted) == 1
+    assert unlisted[0].splitlines()[1:] == [f"  {root / 'b' / 'linked' / '3.png'}"]
+
+
 def test_group_regex_with_a_manifest_and_no_root_reads_paths_relative_to_the_manifest(tmp_path):
     # The manifest's parent folder matches the regex too ("P9_"): an absolute path would give
     # every image the id "P9", and an anchored regex would match no image at all.

@@ -924,14 +924,8 @@ def _read_manifest(path: str, root: str) -> tuple[list[_Entry], bool]:
     if not entries:
         raise DataError(f"the manifest {path} lists no images. {fix_header}")
     if root:
-        listed = set(seen)
-        unlisted = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-            for name in sorted(filenames):
-                p = os.path.join(dirpath, name)
-                if _is_image_name(name) and os.path.realpath(p) not in listed:
-                    unlisted.append(p)
+        # The images a folder scan would find (hidden files are none, linked folders are read).
+        unlisted = sorted(p for p in image_files(root) if os.path.realpath(p) not in seen)
         if unlisted:
             logging.warning(
                 "%d image(s) under %s are not in the manifest %s and are not used:\n%s",
