@@ -582,7 +582,8 @@ def test_paths_group_regex_does_not_match_are_listed_sorted_under_the_pattern_as
         rf"data.group_regex='(P\d+)_' finds no patient id in 2 image path(s) (matched against "
         f"the path relative to {root}):\n  a/scan.png\n  b/img.png\nFix: change the expression "
         "so that its first capture group matches every path, or give the ids in a manifest "
-        "group column."
+        "group column (data evaluated whole, as by evaluate --split all, needs no ids: "
+        "--config.data.group_regex='')."
     )
 
 

@@ -971,7 +971,8 @@ def _regex_groups(entries: list[_Entry], pattern: str, root: str) -> list[_Entry
             f"path(s) (matched against the path relative to {root}):\n"
             f"{_listing(sorted(unmatched))}\n"
             "Fix: change the expression so that its first capture group matches every path, or "
-            "give the ids in a manifest group column."
+            "give the ids in a manifest group column (data evaluated whole, as by evaluate "
+            "--split all, needs no ids: --config.data.group_regex='')."
         )
     return out
 
