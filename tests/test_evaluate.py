@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import REPO, run_python
 from weckd_jax import chain, checkpoints, evaluate
@@ -338,3 +339,33 @@ def test_the_run_is_checked_before_the_data_is_loaded(smoke_run, tmp_path, monke
     with pytest.raises(evaluate.EvaluateError, match="data.difficulty: 0.5 -> 1.0.*--name"):
         evaluate.evaluate_workdir(str(copy), config, split="all", name="hospital")
     assert (copy / "evaluations" / "hospital-all.json").read_text() == saved
+
+
+def test_the_runs_manifest_is_not_read_against_another_hospitals_folder(smoke_run, tmp_path):
+    # from_run.py:DIR --config.data.root=OTHER keeps the run's data.manifest: its labels, listed
+    # for the run's folder, would be given to OTHER's files of the same paths.
+    _, workdir, results = smoke_run
+    names = results["data"]["class_names"]
+    run_dir = tmp_path / "run"
+    shutil.copytree(workdir, run_dir, ignore=shutil.ignore_patterns("evaluations"))
+    for site in ("a", "b"):
+        for i, name in enumerate(names):
+            (tmp_path / site / name).mkdir(parents=True)
+            pixels = np.full((8, 8, 3), 40 * i + (site == "b"), np.uint8)
+            Image.fromarray(pixels).save(tmp_path / site / name / "1.png")
+    listing = tmp_path / "a.csv"  # site a's labels, the wrong way round for site b's files
+    listing.write_text(
+        "path,label\n" + "".join(f"{n}/1.png,{names[-1 - i]}\n" for i, n in enumerate(names))
+    )
+    run_config = json.loads((run_dir / "config.json").read_text())
+    run_config["data"].update(source="folder", root=str(tmp_path / "a"), manifest=str(listing))
+    (run_dir / "config.json").write_text(json.dumps(run_config))
+    config = config_lib.from_run(str(run_dir))
+    config.data.root = str(tmp_path / "b")
+    with pytest.raises(evaluate.EvaluateError) as e:
+        evaluate.evaluate_workdir(str(run_dir), config, split="all", name="b")
+    assert f"data.manifest={listing} is the run's manifest" in str(e.value)
+    assert "Fix: --config.data.manifest=''" in str(e.value)
+    config.data.manifest = ""  # site b's class folders: their own labels
+    evaluation = evaluate.evaluate_workdir(str(run_dir), config, split="all", name="b")
+    assert evaluation["data"]["class_counts"] == [1] * len(names)

@@ -28,8 +28,11 @@ that baseline). The config's ``model`` and ``chain`` keys are replaced by the ru
 come from its checkpoints, each checked to hold the weights ``results.json`` reports (their
 ``fingerprint``) and to output one score per class it
 names; these checks, and that of an existing output file's config, come before the data is loaded.
-When the data is the run's own (see `chain.data_record`), the output counts the evaluated images
-the run trained on or selected epochs on, and a note warns that such metrics are optimistic.
+The run's own ``data.manifest`` read against another ``data.root`` (``from_run.py:DIR`` with a new
+root keeps it) is refused unless it gives the run's own images: its labels would go to the other
+folder's files of the same paths. When the data is the run's own (see `chain.data_record`), the
+output counts the evaluated images the run trained on or selected epochs on, and a note warns
+that such metrics are optimistic.
 """
 
 from __future__ import annotations
@@ -194,6 +197,26 @@ def _refuse_overwrite(
         )
 
 
+def _refuse_run_manifest_elsewhere(run_config: dict | None, config) -> None:
+    """Refuses the run's own ``data.manifest`` read against another ``data.root`` (e.g.
+    ``from_run.py:DIR --config.data.root=OTHER`` keeps the run's manifest), when that gives other
+    images than the run's: the manifest's labels, listed for the run's folder, would be given to
+    the files of the same paths under the other folder (a moved copy of the run's own images is
+    its data, and not refused)."""
+    if run_config is None:
+        return
+    run_data = run_config["data"]
+    manifest = str(run_data.get("manifest") or "")
+    if manifest and config.data.manifest == manifest and config.data.root != run_data["root"]:
+        raise EvaluateError(
+            f"data.manifest={manifest} is the run's manifest, listing the images and labels of "
+            f"data.root={run_data['root'] or '(none)'}, but data.root={config.data.root} now: the "
+            "files of the same paths there would be evaluated with its labels. Fix: "
+            "--config.data.manifest='' to read the class folders (or manifest.csv) of "
+            f"{config.data.root}, or --config.data.manifest=CSV listing its images."
+        )
+
+
 def evaluate_workdir(
     workdir: str, config, *, split: str = "test", name: str = "eval", progress=None
 ) -> dict:
@@ -279,6 +302,8 @@ def evaluate_workdir(
     digests = chain.data_record(data)
     _refuse_overwrite(path, config_json, split, digests["examples"])
     overlap, overlap_note = _overlap(workdir, run_config, config_json, data, index, digests)
+    if overlap["same_data_as_run"] is False:
+        _refuse_run_manifest_elsewhere(run_config, config)
     # The new data in the trained class order: probabilities column k = trained class k.
     labels = label_map[data.labels]
     data = data_lib.ImageSet(images=data.images, labels=labels, class_names=tuple(trained_names))
