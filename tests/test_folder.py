@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import struct
+import unicodedata
 import zlib
 
 import numpy as np
@@ -386,6 +387,17 @@ def test_images_the_manifest_leaves_out_are_those_a_folder_scan_finds(tmp_path, 
     unlisted = [r.getMessage() for r in caplog.records if "not in the manifest" in r.getMessage()]
     assert len(unlisted) == 1
     assert unlisted[0].splitlines()[1:] == [f"  {root / 'b' / 'linked' / '3.png'}"]
+
+
+def test_manifest_paths_find_files_named_in_another_unicode_form_or_with_backslashes(tmp_path):
+    root = tmp_path / "m"
+    decomposed = unicodedata.normalize("NFD", "méningiome")  # as macOS names files
+    save_any(root / "a" / f"{decomposed}.png", 1)
+    save_any(root / "b" / "sub" / "2.png", 2)
+    composed = unicodedata.normalize("NFC", "méningiome")  # as a spreadsheet types it
+    (root / "manifest.csv").write_text(f"path,label\na/{composed}.png,a\nb\\sub\\2.png,b\n")
+    data = folder.load(data_config(root))
+    assert list(data.paths) == [str(root / "a" / f"{decomposed}.png"), str(root / "b/sub/2.png")]
 
 
 def test_group_regex_with_a_manifest_and_no_root_reads_paths_relative_to_the_manifest(tmp_path):

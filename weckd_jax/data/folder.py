@@ -16,8 +16,9 @@ Layout (``data.source = "folder"``, ``data.root = DIR``)::
   naming the columns ``path,label[,group][,split]``:
 
   - ``path``: the image, relative to ``DIR`` (to the manifest's folder when ``data.root`` is
-    empty) or absolute. With a manifest, the manifest alone says which images are used and what
-    their labels are (the class names are its sorted labels); folders do not matter.
+    empty) or absolute (see `_spellings` for backslashes and Unicode forms). With a manifest,
+    the manifest alone says which images are used and what their labels are (the class names are
+    its sorted labels); folders do not matter.
   - ``group``: a patient / ear / video id. Every split and chain fraction keeps a group whole.
   - ``split``: ``train``, ``val``, ``test`` or empty, fixing a user's own split; empty rows are
     split automatically. A group whose rows name one split and leave others empty has the empty
@@ -103,6 +104,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -817,6 +819,16 @@ def _manifest_path(data_config, root: str) -> str | None:
     return None
 
 
+def _spellings(base: str, raw: str):
+    """Other ways a manifest may spell the path ``raw`` (relative to ``base``) of a file: with
+    backslashes (written on Windows), or its names in another Unicode form than the file system's
+    (macOS names a file "é" as "e" + an accent, NFD; a spreadsheet types it as one letter, NFC)."""
+    for form in ("NFC", "NFD"):
+        for spelling in (raw, raw.replace("\\", "/")):
+            spelling = unicodedata.normalize(form, spelling)
+            yield os.path.normpath(os.path.join(base, os.path.expanduser(spelling)))
+
+
 def _read_manifest(path: str, root: str) -> tuple[list[_Entry], bool]:
     """Entries of a manifest, and whether it has a ``group`` column."""
     base = root or os.path.dirname(path)
@@ -877,10 +889,8 @@ def _read_manifest(path: str, root: str) -> tuple[list[_Entry], bool]:
         if has_group and not group:
             empty_group.append(f"line {line}: {raw}")
         full = os.path.normpath(os.path.join(base, os.path.expanduser(raw)))
-        if not os.path.isfile(full) and "\\" in raw:
-            alt = os.path.normpath(os.path.join(base, raw.replace("\\", "/")))
-            if os.path.isfile(alt):
-                full = alt
+        if not os.path.isfile(full):
+            full = next((alt for alt in _spellings(base, raw) if os.path.isfile(alt)), full)
         if not os.path.isfile(full):
             target = _broken_link(full)
             link = f" (a broken symbolic link to {target})" if target is not None else ""
