@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import unicodedata
 
 import numpy as np
 import pytest
@@ -550,5 +551,9 @@ def test_evaluate_refuses_other_classes_and_unknown_flags(smoke_run, capsys):
 def test_label_map_by_name():
     trained = ["a", "b", "c"]
     np.testing.assert_array_equal(evaluate._label_map(trained, ("c", "a"), "x"), [2, 0])
+    # A class folder named on macOS (NFD) is the class trained from a folder named elsewhere.
+    accented = [unicodedata.normalize("NFC", "méningiome"), "normal"]
+    new = (unicodedata.normalize("NFD", "méningiome"),)
+    np.testing.assert_array_equal(evaluate._label_map(accented, new, "x"), [0])
     with pytest.raises(evaluate.EvaluateError, match="not trained on: d"):
         evaluate._label_map(trained, ("a", "d"), "x")

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import sys
+import unicodedata
 
 import jax
 import ml_collections
@@ -85,7 +86,10 @@ def select(config, data, split: str):
 
 
 def _label_map(trained: list[str], new: tuple[str, ...], source: str) -> np.ndarray:
-    """``map[new_label] = trained_label``; every new class must be a trained one."""
+    """``map[new_label] = trained_label``; every new class must be a trained one. Names match in
+    any Unicode form (a class folder named on macOS spells "é" as "e" + an accent)."""
+    trained = [unicodedata.normalize("NFC", n) for n in trained]
+    new = tuple(unicodedata.normalize("NFC", n) for n in new)
     unknown = [n for n in new if n not in trained]
     if unknown:
         raise EvaluateError(
