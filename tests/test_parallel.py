@@ -217,6 +217,51 @@ def test_ctrl_c_on_a_multi_process_run_is_reported_by_process_0_alone(tmp_path):
     assert errs[1] == ""
 
 
+EXIT_ORDER_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import jax
+    from weckd_jax import cli, distributed
+
+    port, i = sys.argv[1], int(sys.argv[2])
+    assert distributed.initialize(f"127.0.0.1:{port}", 2, i)
+    assert len(jax.devices()) == 2  # the backends join, as a run's do before any Ctrl-C
+    if i == 1:
+        time.sleep(3)  # still unwinding its Ctrl-C when process 0 is done with its own
+    cli.interrupted("kept")
+    """
+)
+
+
+def test_after_ctrl_c_process_0_exits_after_the_others():
+    # Process 0 hosts JAX's coordination service: a process still running when it is gone may
+    # be terminated with a fatal "leader task died" error on its stderr instead of exiting
+    # silently with 130.
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", EXIT_ORDER_SCRIPT, str(port), str(i)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        exited, deadline = [], time.monotonic() + 240
+        while len(exited) < 2 and time.monotonic() < deadline:
+            exited += [i for i in (1, 0) if i not in exited and procs[i].poll() is not None]
+            time.sleep(0.01)
+        errs = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert exited == [1, 0], errs
+    assert [p.returncode for p in procs] == [130, 130], errs
+    assert errs == ["interrupted: kept\n", ""]
+
+
 SLURM_SCRIPT = textwrap.dedent(
     """
     import jax

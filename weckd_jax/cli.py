@@ -63,6 +63,7 @@ def interrupted(message: str) -> None:
         print(f"interrupted: {message}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
+    distributed.leave()  # process 0 last: the others need its coordination service to the end
     os._exit(INTERRUPTED)
 
 

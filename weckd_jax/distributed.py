@@ -9,6 +9,7 @@ reports (checkpoints are written collectively by orbax).
 from __future__ import annotations
 
 import os
+import time
 
 import jax
 import numpy as np
@@ -85,3 +86,38 @@ def process_zero_text(text: str) -> str:
         return text
     data = np.frombuffer(text.encode(), np.uint8)
     return bytes(np.asarray(multihost_utils.broadcast_one_to_all(data))).decode()
+
+
+# How long process 0 stays after the last other process said it is leaving (see `leave`).
+_LEAVING_GRACE_S = 0.5
+
+
+def leave(timeout_s: float = 10.0) -> None:
+    """Orders the ends of a joined run's processes that exit without shutting JAX down
+    (``os._exit`` after Ctrl-C): each other process tells process 0 it is leaving, and process 0
+    waits for all of them (at most ``timeout_s``). Process 0 hosts JAX's coordination service;
+    a process still running once it is gone is terminated with a fatal "the leader task died"
+    error on its stderr. Nothing to do in a single process; a process that never says it is
+    leaving (stuck, or gone already) costs at most ``timeout_s``, and process 0 leaves
+    `_LEAVING_GRACE_S` after the last one said so."""
+    if not jax.distributed.is_initialized():
+        return
+    from jax._src import distributed as jax_distributed  # the coordination client: no public API
+
+    state = jax_distributed.global_state
+    client = getattr(state, "client", None)
+    if client is None:
+        return
+    try:
+        if state.process_id != 0:
+            client.key_value_set(f"weckd_jax/leaving/{state.process_id}", "1")
+            return
+        deadline = time.monotonic() + timeout_s
+        for other in range(1, state.num_processes):
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            client.blocking_key_value_get(f"weckd_jax/leaving/{other}", max(left_ms, 1))
+    except Exception:  # noqa: BLE001 - a timeout or a service gone: leave all the same
+        return
+    # A process that has said it is leaving exits at once, but its threads watch the service
+    # until it is gone: give them that moment (seen: a fatal error in about 1 Ctrl-C in 15).
+    time.sleep(_LEAVING_GRACE_S)
