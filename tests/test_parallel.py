@@ -151,6 +151,21 @@ def test_a_busy_workdir_stops_every_process_of_a_multi_process_run(tmp_path):
         assert "is in use by another" in err and "Traceback" not in err
 
 
+def _two_processes(script: str) -> list[subprocess.Popen]:
+    """Processes 0 and 1 of ``python -c script PORT I``, coordinated on a free localhost port."""
+    port = _free_port()
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(port), str(i)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
 DEFAULT_WORKDIR_SCRIPT = textwrap.dedent(
     """
     import datetime, sys
@@ -171,17 +186,7 @@ DEFAULT_WORKDIR_SCRIPT = textwrap.dedent(
 
 
 def test_processes_whose_clocks_differ_agree_on_the_default_workdir():
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", DEFAULT_WORKDIR_SCRIPT, str(port), str(i)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = _two_processes(DEFAULT_WORKDIR_SCRIPT)
     try:
         outs = [p.communicate(timeout=240) for p in procs]
     finally:
@@ -237,17 +242,7 @@ def test_after_ctrl_c_process_0_exits_after_the_others():
     # Process 0 hosts JAX's coordination service: a process still running when it is gone may
     # be terminated with a fatal "leader task died" error on its stderr instead of exiting
     # silently with 130.
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", EXIT_ORDER_SCRIPT, str(port), str(i)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = _two_processes(EXIT_ORDER_SCRIPT)
     try:
         exited, deadline = [], time.monotonic() + 240
         while len(exited) < 2 and time.monotonic() < deadline:
