@@ -114,6 +114,43 @@ def test_every_problem_of_a_config_is_named_at_once():
         validate(config)
 
 
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        # A chain.length below 1 leaves no links to count backbones for, but the names and the
+        # image size they need are checked all the same.
+        (
+            {"chain.length": 0, "model.backbone": "resnet18,vgg16", "data.image_size": 4},
+            [
+                "chain.length=0 must be >= 1",
+                "model.backbone 'vgg16' is unknown",
+                "data.image_size=4 is too small for resnet18",
+            ],
+        ),
+        ({"chain.fraction": 1.5}, ["chain.fraction=1.5 must be in (0, 1]"]),
+        ({"data.val_fraction": -0.1}, ["data.val_fraction and data.test_fraction must be in"]),
+        ({"data.val_fraction": 1.5}, ["data.val_fraction and data.test_fraction must be in"]),
+        (
+            {"chain.length": 0, "tune.objective": "link"},
+            ["chain.length=0 must be >= 1"],
+        ),
+    ],
+)
+def test_a_bad_value_is_named_once_and_hides_no_other_problem(overrides, expected):
+    # Each problem of the config is named, and no check adds a second line about a key that an
+    # earlier line already names as invalid.
+    config = base_config()
+    for key, value in overrides.items():
+        _set(config, key, value)
+    with pytest.raises(ConfigError) as e:
+        validate(config)
+    lines = [line.strip() for line in str(e.value).split("\n")]
+    lines = lines[1:] if len(lines) > 1 else lines
+    assert len(lines) == len(expected), lines
+    for line, start in zip(lines, expected, strict=True):
+        assert line.startswith(start), (line, start)
+
+
 def test_a_config_lacking_keys_or_not_a_configdict_is_named():
     with pytest.raises(ConfigError, match="is a dict, not an ml_collections.ConfigDict"):
         validate(base_config().to_dict())

@@ -127,11 +127,15 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _backbone_names(config) -> list[str]:
+    """The names ``model.backbone`` gives (one name, a tuple or a comma list), as written."""
+    value = config.model.backbone
+    return [n.strip() for n in (value.split(",") if isinstance(value, str) else value)]
+
+
 def backbones(config) -> tuple[str, ...]:
     """One backbone name per link (``model.backbone`` may be one name, a tuple or a comma list)."""
-    value = config.model.backbone
-    names = value.split(",") if isinstance(value, str) else list(value)
-    names = [n.strip() for n in names]
+    names = _backbone_names(config)
     if len(names) == 1:
         names = names * config.chain.length
     return tuple(names)
@@ -379,29 +383,30 @@ def validate(config, workdir: str | None = None, *, trains: bool = True) -> None
             "read as data (a class folder) by this and later runs; put the workdir outside the "
             "data folder",
         )
-    need(
+    if need(
         0 <= c.data.val_fraction < 1 and 0 <= c.data.test_fraction < 1,
         "data.val_fraction and data.test_fraction must be in [0, 1)",
-    )
-    need(
-        c.data.val_fraction > 0,
-        "data.val_fraction must be > 0: the best epoch of each link is chosen on validation",
-    )
-    need(
-        c.data.test_fraction > 0,
-        "data.test_fraction must be > 0: results are reported on the test split",
-    )
-    need(
-        c.data.val_fraction + c.data.test_fraction < 1,
-        f"data.val_fraction + data.test_fraction = "
-        f"{c.data.val_fraction + c.data.test_fraction:g} leaves no train pool; keep it below 1",
-    )
+    ):
+        need(
+            c.data.val_fraction > 0,
+            "data.val_fraction must be > 0: the best epoch of each link is chosen on validation",
+        )
+        need(
+            c.data.test_fraction > 0,
+            "data.test_fraction must be > 0: results are reported on the test split",
+        )
+        need(
+            c.data.val_fraction + c.data.test_fraction < 1,
+            f"data.val_fraction + data.test_fraction = "
+            f"{c.data.val_fraction + c.data.test_fraction:g} leaves no train pool; keep it "
+            "below 1",
+        )
     length_ok = need(c.chain.length >= 1, f"chain.length={c.chain.length} must be >= 1")
-    need(
+    fraction_ok = need(
         0 < c.chain.fraction <= 1,
         f"chain.fraction={c.chain.fraction} must be in (0, 1] (share of the train pool per link)",
     )
-    if length_ok:
+    if length_ok and fraction_ok:
         need(
             c.chain.length * c.chain.fraction <= 1 + 1e-9,
             f"chain.length x chain.fraction = {c.chain.length} x {c.chain.fraction} = "
@@ -412,15 +417,16 @@ def validate(config, workdir: str | None = None, *, trains: bool = True) -> None
         0 < c.chain.label_ratio <= 1,
         f"chain.label_ratio={c.chain.label_ratio} must be in (0, 1]",
     )
-    names = backbones(c)
-    need(
-        len(names) == c.chain.length,
-        f"model.backbone names {len(names)} backbones for chain.length={c.chain.length}; "
-        "give one name, or exactly one per link",
-    )
+    if length_ok:
+        count = len(backbones(c))
+        need(
+            count == c.chain.length,
+            f"model.backbone names {count} backbones for chain.length={c.chain.length}; "
+            "give one name, or exactly one per link",
+        )
     known = [
         name
-        for name in dict.fromkeys(names)
+        for name in dict.fromkeys(_backbone_names(c))  # checked whatever chain.length is
         if need(
             name in models.BACKBONES,
             f"model.backbone {name!r} is unknown; valid: {', '.join(models.BACKBONES)}",

@@ -161,9 +161,11 @@ def check_section(config) -> None:
         raise ConfigError(
             f"tune.objective={t.objective!r} is unknown; valid: {', '.join(OBJECTIVES)}"
         )
-    if t.objective == "link" and not 1 <= t.link <= config.chain.length:
+    # A chain.length below 1 has no links; `config.validate` names it.
+    length = config.chain.length
+    if t.objective == "link" and length >= 1 and not 1 <= t.link <= length:
         raise ConfigError(
-            f"tune.link={t.link} must be a link of the chain, 1..{config.chain.length}, with "
+            f"tune.link={t.link} must be a link of the chain, 1..{length}, with "
             "tune.objective='link'"
         )
     for key in ("random_trials", "prune_after_trials", "prune_warmup_steps"):
