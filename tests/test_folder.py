@@ -400,6 +400,26 @@ def test_manifest_paths_find_files_named_in_another_unicode_form_or_with_backsla
     assert list(data.paths) == [str(root / "a" / f"{decomposed}.png"), str(root / "b/sub/2.png")]
 
 
+def test_a_class_named_in_two_unicode_forms_is_refused(tmp_path):
+    # "méningiome" typed (NFC) and named by macOS (NFD) print the same: two classes of the same
+    # name would split one class in two.
+    names = (unicodedata.normalize("NFC", "méningiome"), unicodedata.normalize("NFD", "méningiome"))
+    twins = "'méningiome' {} are each spelled in more than one Unicode form"
+    root = tmp_path / "m"
+    rows = ["path,label"]
+    for i, label in enumerate((*names, "normal")):
+        save_any(root / f"{i}.png", i)
+        rows.append(f"{i}.png,{label}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=twins.format(f"listed in {root / 'manifest.csv'}")):
+        folder.load(data_config(root))
+    folders = tmp_path / "f"
+    for i, label in enumerate((*names, "normal")):
+        save_any(folders / label / f"{i}.png", i)
+    with pytest.raises(DataError, match=twins.format(f"under {folders}")):
+        folder.load(data_config(folders))
+
+
 def test_group_regex_with_a_manifest_and_no_root_reads_paths_relative_to_the_manifest(tmp_path):
     # The manifest's parent folder matches the regex too ("P9_"): an absolute path would give
     # every image the id "P9", and an anchored regex would match no image at all.

@@ -57,6 +57,8 @@ input                                                 outcome
 images directly in ``DIR`` but no class folders       fatal
 a class folder with no images                         fatal
 a single class                                        fatal
+one class name in two Unicode forms (folders or       fatal (it would be two classes that
+  labels: "é" as one letter and as "e" + accent)      print the same)
 an image that cannot be decoded (damaged, truncated,  fatal, all such files listed at once
   empty, a broken symbolic link, not really an
   image, unsupported mode, over 8 bits per channel
@@ -953,6 +955,23 @@ def _read_manifest(path: str, root: str) -> tuple[list[_Entry], bool]:
     return entries, has_group
 
 
+def _refuse_unicode_twins(class_names: Sequence[str], where: str) -> None:
+    """`DataError` when two class names are one name in two Unicode forms ("é" typed as one
+    letter, NFC, and named by macOS as "e" + an accent, NFD): they print the same, and would
+    split one class in two."""
+    forms: dict[str, list[str]] = {}
+    for name in class_names:
+        forms.setdefault(unicodedata.normalize("NFC", name), []).append(name)
+    twins = [name for name, spelled in forms.items() if len(spelled) > 1]
+    if twins:
+        raise DataError(
+            f"the class name(s) {', '.join(map(repr, twins))} {where} are each spelled in "
+            "more than one Unicode form (an accent typed with its letter, and as a letter plus "
+            "an accent, as macOS names files), which would be separate classes. Fix: spell each "
+            "class one way (retype the labels, or rename and merge the folders)."
+        )
+
+
 def _regex_groups(entries: list[_Entry], pattern: str, root: str) -> list[_Entry]:
     # The messages show the pattern as typed: repr would double its backslashes, unlike the
     # examples of the fixes.
@@ -1077,6 +1096,7 @@ def load(data_config) -> ImageSet:
         entries = _fill_group_splits(entries)
 
     class_names = tuple(sorted({e.label for e in entries}))
+    _refuse_unicode_twins(class_names, where)
     class_index = {name: i for i, name in enumerate(class_names)}
     labels = np.array([class_index[e.label] for e in entries], np.int32)
 
