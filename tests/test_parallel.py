@@ -89,6 +89,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _outputs(procs: list[subprocess.Popen], timeout: int = 240) -> list[tuple[str, str]]:
+    """``(stdout, stderr)`` of each process once it has ended; all are killed on the way out, so
+    a failed or timed-out wait leaves none running."""
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+
+
 def _launch_two_processes(workdir):
     """Processes 0 and 1 of one launch of the smoke config, coordinated on localhost."""
     port = _free_port()
@@ -118,7 +128,7 @@ def test_two_processes_on_localhost_match_one_process(smoke_run, tmp_path):
     _, _, single = smoke_run
     workdir = tmp_path / "two"
     procs = _launch_two_processes(workdir)
-    outs = [p.communicate(timeout=900) for p in procs]
+    outs = _outputs(procs, timeout=900)
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     # Only process 0 reports (process 1's stdout holds at most the collectives' own banner).
@@ -140,11 +150,7 @@ def test_a_busy_workdir_stops_every_process_of_a_multi_process_run(tmp_path):
     workdir = tmp_path / "busy"
     with files.exclusive_folder(str(workdir)):  # another run works there
         procs = _launch_two_processes(workdir)
-        try:
-            outs = [p.communicate(timeout=240) for p in procs]
-        finally:
-            for p in procs:
-                p.kill()
+        outs = _outputs(procs)
         assert os.listdir(workdir) == []
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 2, err[-3000:]
@@ -187,11 +193,7 @@ DEFAULT_WORKDIR_SCRIPT = textwrap.dedent(
 
 def test_processes_whose_clocks_differ_agree_on_the_default_workdir():
     procs = _two_processes(DEFAULT_WORKDIR_SCRIPT)
-    try:
-        outs = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    outs = _outputs(procs)
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     named = [re.findall(r"^WORKDIR (.*)$", out, re.M) for out, _ in outs]
@@ -292,7 +294,7 @@ def test_slurm_script_starts_one_process_per_gpu():
         )
         for i in range(2)
     ]
-    outs = [p.communicate(timeout=240) for p in procs]
+    outs = _outputs(procs)
     for i, (p, (out, err)) in enumerate(zip(procs, outs, strict=True)):
         assert p.returncode == 0, err[-3000:]
         assert f"VISIBLE {i} {i}" in out
