@@ -354,17 +354,18 @@ def validate(config, workdir: str | None = None, *, trains: bool = True) -> None
         "data.source='tfds' needs data.name, e.g. --config.data.name=malaria",
     )
     if c.data.source == "synthetic":
-        modality_known = need(
+        if need(
             c.data.modality in synthetic.MODALITIES,
             f"data.modality={c.data.modality!r} is unknown; valid: "
             f"{', '.join(synthetic.MODALITIES)}",
-        )
-        num_classes = len(synthetic.MODALITIES[c.data.modality]) if modality_known else 1
-        need(
-            not modality_known or c.data.num_images >= num_classes,
-            f"data.num_images={c.data.num_images} is too small: the {c.data.modality!r} modality "
-            f"has {num_classes} classes; use data.num_images >= {num_classes} (default 2500)",
-        )
+        ):
+            num_classes = len(synthetic.MODALITIES[c.data.modality])
+            need(
+                c.data.num_images >= num_classes,
+                f"data.num_images={c.data.num_images} is too small: the {c.data.modality!r} "
+                f"modality has {num_classes} classes; use data.num_images >= {num_classes} "
+                "(default 2500)",
+            )
         need(
             c.data.images_per_group >= 1,
             f"data.images_per_group={c.data.images_per_group} must be >= 1 (images per "
