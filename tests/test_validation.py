@@ -245,6 +245,30 @@ def test_bad_config_files_are_named_in_one_line(tmp_path):
     assert config.chain.length == 2  # configs/smoke.py, as loaded by --config
 
 
+def test_each_tool_runs_the_config_file_once(tmp_path):
+    # A config file that does work (reads a table, prints) must not do it twice per command.
+    counter = tmp_path / "runs.txt"
+    config_file = tmp_path / "counted.py"
+    config_file.write_text(
+        textwrap.dedent(f"""
+            from weckd_jax.config import base_config
+            def get_config():
+                with open({str(counter)!r}, "a") as f:
+                    f.write("ran\\n")
+                return base_config()
+        """)
+    )
+    # launch parses its flags, then refuses the config: no training, the file ran once.
+    out = run_python("-m", "weckd_jax.launch", f"--config={config_file}", "--config.chain.length=0")
+    assert out.returncode == 2 and "chain.length=0 must be >= 1" in out.stderr, out.stderr
+    assert counter.read_text() == "ran\n"
+    counter.unlink()
+    from weckd_jax import evaluate
+
+    assert evaluate.main(["prog", "--config", str(config_file), "--config.seed=3"]) == 2
+    assert counter.read_text() == "ran\n"
+
+
 def test_an_override_naming_no_key_is_named_with_its_close_match():
     config = base_config()
     problem = cli.override_problem(config, ["prog", "--config.trian.epochs=1"])

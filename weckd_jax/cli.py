@@ -199,24 +199,59 @@ def _list_own_flags_in_help() -> None:
                 flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
+def parse_config_flags(values: flags.FlagValues, argv: list[str]) -> list[str]:
+    """``values(argv)``: absl parses the flags, and ml_collections runs the ``--config`` file once
+    and applies the ``--config.KEY`` overrides; the config is then checked as
+    `weckd_jax.config.load_file` checks it. If parsing fails, the config file and the overrides
+    are checked on their own first (the file then runs again), so that a broken file or an
+    override naming no key is reported in one line rather than as the error absl or
+    ml_collections raised; any other failure is raised as it came.
+
+    Returns:
+      The arguments left after the flags (``argv[0]`` first).
+
+    Raises:
+      ConfigError: the config file or an override, naming the problem and the fix.
+    """
+    try:
+        rest = values(argv)
+    except Exception:
+        _raise_config_problem(values, argv)
+        raise
+    path = config_path(argv)
+    if path is not None:
+        config = values["config"].value
+        if not isinstance(config, ConfigDict):
+            # ml_collections keeps a config file's error in the value, until it is read.
+            _raise_config_problem(values, argv)
+        config_lib.check_loaded(config, path.split(":", 1)[0])
+    return rest
+
+
+def _raise_config_problem(values: flags.FlagValues, argv: list[str]) -> None:
+    """Raises `ConfigError` for the ``--config`` file of ``argv`` (run anew by
+    `weckd_jax.config.load_file`) or its first override naming no key; returns if both are fine
+    or ``values`` has no ``config`` flag."""
+    if "config" not in values:
+        return
+    config = load_config_arg(argv)
+    if config is None:  # the flag's default, loaded when it was defined
+        config = values["config"].value
+    if isinstance(config, ConfigDict) and (problem := override_problem(config, argv)):
+        raise config_lib.ConfigError(problem)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing (for ``app.run(main, flags_parser=parse_flags)``), with a bad config file
-    and an override naming no key of the config reported in one line, before absl reads them;
-    ``--help`` lists every flag of the tool and exits with 0; a leading ``~`` of a path flag is
-    expanded."""
+    """absl flag parsing (for ``app.run(main, flags_parser=parse_flags)``) by
+    `parse_config_flags`, with a bad config file or an override naming no key of the config
+    reported in one line; ``--help`` lists every flag of the tool and exits with 0; a leading
+    ``~`` of a path flag is expanded."""
     _list_own_flags_in_help()
     argv = expand_home(argv, PATH_FLAGS)
-    if "config" in flags.FLAGS:
-        try:
-            config = load_config_arg(argv)
-        except config_lib.ConfigError as e:
-            fail(str(e))
-        if config is None:  # the flag's default, loaded when it was defined
-            config = flags.FLAGS["config"].value
-        if isinstance(config, ConfigDict) and (problem := override_problem(config, argv)):
-            fail(problem)
     try:
-        return flags.FLAGS(argv)
+        return parse_config_flags(flags.FLAGS, argv)
+    except config_lib.ConfigError as e:
+        fail(str(e))
     except SystemExit as e:
         # absl's --help, --helpfull and --helpxml print what was asked for and exit with status
         # 1; asking for help is no error (evaluate and predict, on argparse, exit with 0).

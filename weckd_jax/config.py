@@ -206,6 +206,18 @@ def load_file(path: str) -> ml_collections.ConfigDict:
         raise
     except Exception as e:
         raise failed("get_config() failed", e) from None
+    check_loaded(config, file)
+    return config
+
+
+def check_loaded(config, file: str) -> None:
+    """What `load_file` checks of the value ``get_config()`` of ``file`` returned: an
+    ``ml_collections.ConfigDict`` that lacks no key added to weckd_jax since a file weckd_jax
+    wrote was written (`validate` names any other missing key).
+
+    Raises:
+      ConfigError: naming the file, the problem and the fix.
+    """
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(
             f"config file {file}: get_config() returned a {type(config).__name__}, not an "
@@ -222,7 +234,6 @@ def load_file(path: str) -> ml_collections.ConfigDict:
             "written (e.g. a search's best_config.py): rerun that search's command, which "
             f"writes its best_config.py anew, or set {values} in it (what its version did)"
         )
-    return config
 
 
 def _type_fix(error: BaseException) -> str:

@@ -446,10 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
-        config = cli.load_config_arg(argv)  # a missing or broken config file, in one line
-        if config is not None and (problem := cli.override_problem(config, argv)):
-            return fail(problem)
-        extra = values(argv)
+        extra = cli.parse_config_flags(values, argv)
     except config_lib.ConfigError as e:
         return fail(str(e))
     except (AttributeError, KeyError) as e:  # what override_problem did not foresee
