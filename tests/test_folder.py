@@ -307,6 +307,20 @@ def test_load_mixed_folder_sorted_with_skips_warned(tmp_path, caplog):
     assert gray.images.shape == (12, S, S, 1)
 
 
+def test_what_load_says_of_skipped_and_damaged_files_holds_for_evaluate_too(tmp_path, caplog):
+    # evaluate reads folders through the same load: "not used for training", or "to train
+    # without them", would be wrong there.
+    root = _truncated(tmp_path / "root")
+    (root / "b" / "notes.txt").write_text("x")
+    with caplog.at_level(logging.WARNING), pytest.raises(DataError) as e:
+        folder.load(data_config(root))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"1 file(s) under {root} are skipped (left out of the data):\n"
+        f"  {root / 'b' / 'notes.txt'}: not a PNG, JPEG, BMP or TIFF file"
+    ]
+    assert str(e.value).endswith("leave them out of it) to go on without them.")
+
+
 def test_group_regex_gives_patient_ids_and_group_disjoint_splits(tmp_path):
     root = patient_folder(tmp_path / "d", patients=8)
     data = folder.load(data_config(root, group_regex=r"(P\d+)_"))

@@ -161,7 +161,7 @@ _LIST_LIMIT = 20
 # Fixes named in error messages.
 _FIX_DAMAGED = (
     "re-copy or re-export these files, or delete them (with a manifest: leave them out of it) "
-    "to train without them"
+    "to go on without them"
 )
 # For each `_BadImage` kind: what is wrong with the images, and the fix.
 _BAD_IMAGE_FIXES = {
@@ -169,12 +169,13 @@ _BAD_IMAGE_FIXES = {
     "empty": (
         "are empty files (0 bytes)",
         "re-copy or re-export them (an interrupted copy, download or export leaves empty files), "
-        "or delete them (with a manifest: leave them out of it) to train without them",
+        "or delete them (with a manifest: leave them out of it) to go on without them",
     ),
     "link": (
         "are broken symbolic links (what they point to does not exist)",
         "point the links at existing files (e.g. mount the drive or restore the folder they point "
-        "into), or delete the links (with a manifest: leave them out of it) to train without them",
+        "into), or delete the links (with a manifest: leave them out of it) to go on without "
+        "them",
     ),
     "depth": (
         "have more than 8 bits per channel in a layout Pillow cannot decode at full precision (at "
@@ -790,9 +791,10 @@ def _scan_folders(root: str) -> list[_Entry]:
 
 
 def _warn_skipped(skipped: list[tuple[str, str]], root: str) -> None:
+    # Said as it holds for every command that loads a folder: training, and evaluate.
     if skipped:
         logging.warning(
-            "%d file(s) under %s are skipped (not used for training):\n%s",
+            "%d file(s) under %s are skipped (left out of the data):\n%s",
             len(skipped),
             root,
             "\n".join(f"  {path}: {reason}" for path, reason in skipped),
