@@ -344,6 +344,34 @@ def test_group_regex_gives_patient_ids_and_group_disjoint_splits(tmp_path):
         folder.check_enough(data, splits, val_fraction=0.2, test_fraction=0.2, fraction=0.4)
 
 
+def test_a_patient_with_images_in_two_classes_is_named_in_a_warning(tmp_path, caplog):
+    # Right for two ears or slices with and without a finding, a mistake otherwise: said, not
+    # refused.
+    root = tmp_path / "d"
+    for seed, name in enumerate(["a/P1_1.png", "a/P1_2.png", "b/P1_3.png", "a/P2_1.png"]):
+        save_any(root / name, seed)
+    save_any(root / "b" / "P3_1.png", 9)
+    with caplog.at_level(logging.WARNING):
+        data = folder.load(data_config(root, group_regex=r"(P\d+)_"))
+    assert len(np.unique(data.groups)) == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 patient(s) (group ids) have images in more than one class; each is kept whole (one "
+        "split, one chain fraction) and placed as a patient of its most frequent class:\n"
+        "  'P1': 2 in a, 1 in b\n"
+        "Nothing is wrong if a patient can have images of two classes (e.g. two ears, or slices "
+        "with and without a finding). Otherwise fix the labels, or the group ids (a "
+        r"data.group_regex='(P\d+)_' that takes too little of a path merges patients)."
+    ]
+    caplog.clear()
+    (root / "manifest.csv").write_text(
+        "path,label,group\na/P1_1.png,a,x\nb/P1_3.png,b,x\na/P2_1.png,a,y\nb/P3_1.png,b,z\n"
+    )
+    with caplog.at_level(logging.WARNING):
+        folder.load(data_config(root))
+    (spans,) = [r.getMessage() for r in caplog.records if "one class;" in r.getMessage()]
+    assert "\n  'x': 1 in a, 1 in b\n" in spans and spans.endswith("labels, or the group ids.")
+
+
 def test_manifest_groups_fixed_split_and_unlisted_images(tmp_path, caplog):
     root = tmp_path / "m"
     rows = ["path,label,group,split,age"]

@@ -76,6 +76,8 @@ a manifest without ``path`` and ``label`` columns     fatal
 ``group_regex`` invalid / without a capture group /   fatal
   not matching an image's path
 a group split between two fixed splits                fatal
+a group with images in two or more classes (two       warned, each named with its count
+  ears, or a wrong label or id)                       per class
 a ``group`` column and ``data.group_regex`` together  fatal
 an empty ``group`` cell                               fatal
 too few images/groups of a class for val, test and    fatal, in `check_enough`
@@ -1045,6 +1047,36 @@ def _fill_group_splits(entries: list[_Entry]) -> list[_Entry]:
     return out
 
 
+def _warn_groups_across_classes(entries: list[_Entry], pattern: str) -> None:
+    """Warns of every group (patient) with images in two or more classes, with its count per class.
+
+    Not an error: a patient may rightly have images of two classes (two ears, slices with and
+    without a finding), but it may also be a wrong label, or ids that merge patients.
+    """
+    by_group: dict[str, dict[str, int]] = {}
+    for e in entries:
+        if e.group is not None:
+            counts = by_group.setdefault(e.group, {})
+            counts[e.label] = counts.get(e.label, 0) + 1
+    spanning = [
+        f"{group!r}: {', '.join(f'{n} in {label}' for label, n in sorted(counts.items()))}"
+        for group, counts in sorted(by_group.items())
+        if len(counts) > 1
+    ]
+    if spanning:
+        regex = f" (a data.group_regex='{pattern}' that takes too little of a path merges patients)"
+        logging.warning(
+            "%d patient(s) (group ids) have images in more than one class; each is kept whole "
+            "(one split, one chain fraction) and placed as a patient of its most frequent "
+            "class:\n%s\nNothing is wrong if a patient can have images of two classes (e.g. two "
+            "ears, or slices with and without a finding). Otherwise fix the labels, or the group "
+            "ids%s.",
+            len(spanning),
+            _listing(spanning),
+            regex if pattern else "",
+        )
+
+
 # --------------------------------------------------------------------------- load
 
 
@@ -1145,6 +1177,7 @@ def load(data_config) -> ImageSet:
         )
     index = np.flatnonzero(keep)
     kept = [entries[i] for i in index]
+    _warn_groups_across_classes(kept, pattern)
     images = decoded.images if keep.all() else decoded.images[index]  # no copy when all are kept
 
     groups = None
