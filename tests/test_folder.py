@@ -307,6 +307,37 @@ def test_load_mixed_folder_sorted_with_skips_warned(tmp_path, caplog):
     assert gray.images.shape == (12, S, S, 1)
 
 
+def test_data_root_set_to_one_class_folder_is_named_with_the_fix(tmp_path, caplog):
+    # data.root=DATA/glioma instead of DATA: its images lie directly in it, and its sub folders
+    # would be taken as the classes.
+    root = tmp_path / "data" / "glioma"
+    for i in range(2):
+        save_any(root / f"s{i}.png", i)
+    fix = f"set data.root to the folder holding all the class folders (e.g. {root.parent})"
+    with pytest.raises(DataError) as e:
+        folder.load(data_config(root))
+    assert f"Fix: if {root} is one class's folder, {fix}; otherwise put" in str(e.value)
+    save_any(root / "more" / "t0.png", 10)
+    with pytest.raises(DataError) as e:
+        folder.load(data_config(root))
+    assert str(e.value) == (
+        f"{root} has a single class folder ('more') and 2 image(s) directly in it (e.g. "
+        f"{root / 's0.png'}), as a class's own folder has. Fix: if {root} is one class's "
+        f"folder, {fix}; otherwise move these images into their class's folder, and add another "
+        "class (a classifier needs at least 2)."
+    )
+    save_any(root / "extra" / "t1.png", 11)
+    with caplog.at_level(logging.WARNING):
+        data = folder.load(data_config(root))
+    assert data.class_names == ("extra", "more")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"2 image(s) directly in {root} are in no class folder and are left out:\n"
+        f"  {root / 's0.png'}\n  {root / 's1.png'}\n"
+        f"The classes are its 2 folders: extra, more. If {root} is one class's folder, {fix}; "
+        "if the images belong to a class, move them into its folder."
+    ]
+
+
 def test_what_load_says_of_skipped_and_damaged_files_holds_for_evaluate_too(tmp_path, caplog):
     # evaluate reads folders through the same load: "not used for training", or "to train
     # without them", would be wrong there.

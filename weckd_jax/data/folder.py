@@ -54,7 +54,11 @@ raised before anything trains:
 input                                                 outcome
 ====================================================  =================================
 ``data.root`` missing / not a folder / empty          fatal
-images directly in ``DIR`` but no class folders       fatal
+images directly in ``DIR`` (as in one class's         fatal with no class folder or a
+  folder: ``data.root`` one level too deep)           single one, else left out and
+                                                      warned naming the classes; both
+                                                      say to point ``data.root`` at
+                                                      the folder holding the classes
 a class folder with no images                         fatal
 a single class                                        fatal
 one class name in two Unicode forms (folders or       fatal (it would be two classes that
@@ -84,7 +88,7 @@ too few images/groups of a class for val, test and    fatal, in `check_enough`
   every chain fraction
 ``chain.label_ratio`` leaving fraction 1 unlabelled   fatal, in `check_enough`
 non-image files (other extensions, e.g. ``.txt``,     skipped, warned (DICOM/NIfTI
-  ``.dcm``), hidden files and folders, files            files with a conversion hint)
+  ``.dcm``), hidden files and folders, other files    files with a conversion hint)
   directly in ``DIR``
 images under ``DIR`` that the manifest does not list  skipped, warned
 manifest columns other than path/label/group/split    ignored, warned
@@ -756,16 +760,21 @@ def _scan_folders(root: str) -> list[_Entry]:
             "or restore the folder they point into), or delete them."
         )
     layout = f"expected {root}/<class>/<image> (one folder per class, e.g. {root}/normal/img1.png)"
+    # Images directly in the root are what a class's own folder holds: data.root one level too
+    # deep (DATA/glioma for DATA) would take its sub folders as the classes.
+    one_class = (
+        f"{root} is one class's folder, set data.root to the folder holding all the class "
+        f"folders (e.g. {os.path.dirname(root)})"
+    )
     if not class_dirs:
         if stray_images:
             raise DataError(
                 f"{root} holds images but no class folders:\n{_listing(stray_images)}\n"
-                f"Fix: {layout}, or list images and labels in {root}/{MANIFEST_NAME} "
-                "(columns path,label[,group][,split])."
+                f"Fix: if {one_class}; otherwise put the images in one folder per class "
+                f"({root}/<class>/<image>), or list images and labels in "
+                f"{root}/{MANIFEST_NAME} (columns path,label[,group][,split])."
             )
         raise DataError(f"data.root={root} has no class folders and no images. Fix: {layout}.")
-    if stray_images:
-        skipped += [(p, "image directly in the root, not in a class folder") for p in stray_images]
 
     entries, empty = [], []
     for name in class_dirs:
@@ -784,9 +793,29 @@ def _scan_folders(root: str) -> list[_Entry]:
             f"{root} is a class)."
         )
     if len(class_dirs) == 1:
+        if stray_images:
+            raise DataError(
+                f"{root} has a single class folder ({class_dirs[0]!r}) and {len(stray_images)} "
+                f"image(s) directly in it (e.g. {stray_images[0]}), as a class's own folder has. "
+                f"Fix: if {one_class}; otherwise move these images into their class's folder, "
+                "and add another class (a classifier needs at least 2)."
+            )
         raise DataError(
             f"{root} has a single class folder ({class_dirs[0]!r}); a classifier needs at least "
             f"2. Fix: {layout}."
+        )
+    if stray_images:
+        shown = ", ".join(class_dirs[:10]) + (", ..." if len(class_dirs) > 10 else "")
+        logging.warning(
+            "%d image(s) directly in %s are in no class folder and are left out:\n%s\nThe "
+            "classes are its %d folders: %s. If %s; if the images belong to a class, move them "
+            "into its folder.",
+            len(stray_images),
+            root,
+            _listing(stray_images),
+            len(class_dirs),
+            shown,
+            one_class,
         )
     _warn_skipped(skipped, root)
     return entries
