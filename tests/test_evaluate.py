@@ -369,3 +369,54 @@ def test_the_runs_manifest_is_not_read_against_another_hospitals_folder(smoke_ru
     config.data.manifest = ""  # site b's class folders: their own labels
     evaluation = evaluate.evaluate_workdir(str(run_dir), config, split="all", name="b")
     assert evaluation["data"]["class_counts"] == [1] * len(names)
+
+
+def test_the_runs_folder_and_manifest_are_compared_as_folders_not_as_spellings(
+    tmp_path, monkeypatch
+):
+    # The run's root spelt otherwise (trailing slash, relative, through a link, or the manifest's
+    # own folder for none) is its folder; the run's manifest spelt otherwise still lists its
+    # folder's images, and is refused against another folder.
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "list.csv").write_text("path,label\n")
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    (tmp_path / "list_link.csv").symlink_to(tmp_path / "list.csv")
+    monkeypatch.chdir(tmp_path)
+    run_config = {"data": {"root": str(tmp_path / "a"), "manifest": str(tmp_path / "list.csv")}}
+
+    def refused(root, manifest, run_root=None):
+        config = base_config()
+        config.data.root, config.data.manifest = root, manifest
+        run = {"data": {**run_config["data"], **({} if run_root is None else {"root": run_root})}}
+        try:
+            evaluate._refuse_run_manifest_elsewhere(run, config)
+        except evaluate.EvaluateError:
+            return True
+        return False
+
+    listing = str(tmp_path / "list.csv")
+    for root in (f"{tmp_path / 'a'}/", "a", "./link", str(tmp_path / "b" / ".." / "a")):
+        assert not refused(root, listing), root
+    assert not refused(str(tmp_path), listing, run_root="")
+    for manifest in ("list.csv", "list_link.csv", str(tmp_path / "list_link.csv")):
+        assert refused("b", manifest), manifest
+    assert not refused("b", str(tmp_path / "b.csv"))  # another manifest: its own labels
+    # A folder that does not exist (yet) is compared by its normalised path.
+    assert refused(str(tmp_path / "c"), listing) and not refused("c/", listing, run_root="c")
+
+
+def test_the_runs_folder_spelt_otherwise_is_still_the_runs_data_source(smoke_run, tmp_path):
+    # Data changed since the run under its own folder, named with a trailing slash: the note says
+    # the overlap cannot be counted, as for the folder named as the run named it.
+    config, workdir, _ = smoke_run
+    with open(os.path.join(workdir, "config.json")) as f:
+        run_config = json.load(f)
+    run_config["data"]["root"] = str(tmp_path)
+    now = json.loads(json.dumps(run_config))
+    now["data"]["root"] = f"{tmp_path}/"
+    data = data_lib.load(config.data, seed=config.seed)
+    index = np.arange(len(data))
+    grown = data.take(np.concatenate([index, index[:1]]))
+    _, note = evaluate._overlap(workdir, run_config, now, grown, index, chain.data_record(grown))
+    assert "changed since the run" in note

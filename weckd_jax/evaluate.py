@@ -30,9 +30,10 @@ come from its checkpoints, each checked to hold the weights ``results.json`` rep
 names; these checks, and that of an existing output file's config, come before the data is loaded.
 The run's own ``data.manifest`` read against another ``data.root`` (``from_run.py:DIR`` with a new
 root keeps it) is refused unless it gives the run's own images: its labels would go to the other
-folder's files of the same paths. When the data is the run's own (see `chain.data_record`), the
-output counts the evaluated images the run trained on or selected epochs on, and a note warns
-that such metrics are optimistic.
+folder's files of the same paths (folders and manifests are compared as files: the run's spelt
+otherwise, relative or through a link, are the run's). When the data is the run's own (see
+`chain.data_record`), the output counts the evaluated images the run trained on or selected epochs
+on, and a note warns that such metrics are optimistic.
 """
 
 from __future__ import annotations
@@ -108,6 +109,18 @@ def _split_keys(config_json: dict) -> set[str]:
     return keys if config_json["data"]["source"] == "synthetic" else keys | {"seed"}
 
 
+def _same_path(a: str, b: str) -> bool:
+    """Whether two paths as a config gives them (``~``, relative to the current folder, ``""``
+    for none) name the same file or folder: `os.path.samefile` where both exist (another
+    spelling, a symbolic link, a case-insensitive disk), else the same normalised real path."""
+    a, b = (os.path.expanduser(str(p or "").strip()) for p in (a, b))
+    if not a or not b:
+        return a == b
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _overlap(
     workdir: str, run_config: dict | None, config_json: dict, data, index: np.ndarray, digests: dict
 ):
@@ -131,14 +144,19 @@ def _overlap(
             "is unknown"
         )
 
+    paths = ("root", "manifest")
+
     def source(c: dict) -> dict:
         # Not the keys evaluate sets or that change nothing, nor those that only choose splits:
-        # the run's own splits are counted.
+        # the run's own splits are counted; the paths are compared as files, not as spelt.
         ignored = {"data.image_size", "data.channels", "data.cache_dir", *_split_keys(c)}
+        ignored |= {f"data.{k}" for k in paths}
         keys = {"seed": c["seed"], **{f"data.{k}": v for k, v in c["data"].items()}}
         return {k: v for k, v in keys.items() if k not in ignored}
 
-    same_source = source(run_config) == source(config_json)
+    same_source = source(run_config) == source(config_json) and all(
+        _same_path(run_config["data"].get(k), config_json["data"].get(k)) for k in paths
+    )
     other = {**unknown, "same_data_as_run": False}
     if saved["examples"] != digests["examples"]:
         if same_source:
@@ -206,16 +224,27 @@ def _refuse_run_manifest_elsewhere(run_config: dict | None, config) -> None:
     ``from_run.py:DIR --config.data.root=OTHER`` keeps the run's manifest), when that gives other
     images than the run's: the manifest's labels, listed for the run's folder, would be given to
     the files of the same paths under the other folder (a moved copy of the run's own images is
-    its data, and not refused)."""
+    its data, and not refused). Paths are compared as files and folders (`_same_path`), and an
+    empty ``data.root`` is the manifest's folder, against which its paths are then read."""
     if run_config is None:
         return
     run_data = run_config["data"]
     manifest = str(run_data.get("manifest") or "")
-    if manifest and config.data.manifest == manifest and config.data.root != run_data["root"]:
+
+    def base(root) -> str:
+        given = str(root or "").strip()
+        return given or os.path.dirname(os.path.abspath(os.path.expanduser(manifest.strip())))
+
+    if (
+        manifest
+        and _same_path(config.data.manifest, manifest)
+        and not _same_path(base(config.data.root), base(run_data["root"]))
+    ):
         raise EvaluateError(
             f"data.manifest={manifest} is the run's manifest, listing the images and labels of "
-            f"data.root={run_data['root'] or '(none)'}, but data.root={config.data.root} now: the "
-            "files of the same paths there would be evaluated with its labels. Fix: "
+            f"data.root={run_data['root'] or '(none)'}, but "
+            f"data.root={config.data.root or '(none)'} now: the files of the same paths there "
+            "would be evaluated with its labels. Fix: "
             "--config.data.manifest='' to read the class folders (or manifest.csv) of "
             f"{config.data.root}, or --config.data.manifest=CSV listing its images."
         )
