@@ -473,6 +473,22 @@ def test_manifest_paths_find_files_named_in_another_unicode_form_or_with_backsla
     assert list(data.paths) == [str(root / "a" / f"{decomposed}.png"), str(root / "b/sub/2.png")]
 
 
+def test_manifest_paths_find_files_whose_names_mix_unicode_forms(tmp_path):
+    # A folder made on one system (NFC) holding files named on macOS (NFD), listed by a
+    # spreadsheet in the opposite forms: each name is matched on its own.
+    nfc, nfd = (unicodedata.normalize(form, "Café") for form in ("NFC", "NFD"))
+    root = tmp_path / "m"
+    on_disk = save_any(root / nfc / "scans" / f"{nfd}.png", 1)
+    save_any(root / "b" / "2.png", 2)
+    listed = f"{nfd}/scans/{nfc}.png"
+    (root / "manifest.csv").write_text(f"path,label\n{listed},a\nb\\2.png,b\n", encoding="utf-8")
+    data = folder.load(data_config(root))
+    assert list(data.paths) == [str(on_disk), str(root / "b" / "2.png")]
+    absolute = tmp_path / "list.csv"  # an absolute path, mixed the same way
+    absolute.write_text(f"path,label\n{root}/{listed},a\n{root}/b/2.png,b\n", encoding="utf-8")
+    assert list(folder.load(data_config("", manifest=str(absolute))).paths) == list(data.paths)
+
+
 def test_a_class_named_in_two_unicode_forms_is_refused(tmp_path):
     # "méningiome" typed (NFC) and named by macOS (NFD) print the same: two classes of the same
     # name would split one class in two.

@@ -16,7 +16,7 @@ Layout (``data.source = "folder"``, ``data.root = DIR``)::
   naming the columns ``path,label[,group][,split]``:
 
   - ``path``: the image, relative to ``DIR`` (to the manifest's folder when ``data.root`` is
-    empty) or absolute (see `_spellings` for backslashes and Unicode forms). With a manifest,
+    empty) or absolute (see `_listed_file` for backslashes and Unicode forms). With a manifest,
     the manifest alone says which images are used and what their labels are (the class names are
     its sorted labels); folders do not matter.
   - ``group``: a patient / ear / video id. Every split and chain fraction keeps a group whole.
@@ -109,6 +109,7 @@ import hashlib
 import io
 import math
 import os
+import pathlib
 import re
 import sys
 import time
@@ -854,14 +855,47 @@ def _manifest_path(data_config, root: str) -> str | None:
     return None
 
 
-def _spellings(base: str, raw: str):
-    """Other ways a manifest may spell the path ``raw`` (relative to ``base``) of a file: with
-    backslashes (written on Windows), or its names in another Unicode form than the file system's
-    (macOS names a file "é" as "e" + an accent, NFD; a spreadsheet types it as one letter, NFC)."""
-    for form in ("NFC", "NFD"):
-        for spelling in (raw, raw.replace("\\", "/")):
-            spelling = unicodedata.normalize(form, spelling)
-            yield os.path.normpath(os.path.join(base, os.path.expanduser(spelling)))
+def _in_any_form(path: str, listings: dict[str, dict[str, list[str]]]) -> str | None:
+    """``path`` (absolute, normalised) with each name that does not exist as spelt replaced by the
+    one entry of its folder that is the same name in another Unicode form (macOS names a file "é"
+    as "e" + an accent, NFD; a spreadsheet types it as one letter, NFC; one path may mix both, a
+    folder made elsewhere holding files named on a Mac). None when a name has no such entry, or
+    two. ``listings`` caches each folder read: its entries by their NFC form."""
+    found, *names = pathlib.PurePath(path).parts  # found: "/" (or a drive, "C:\\")
+    for name in names:
+        candidate = os.path.join(found, name)
+        if not os.path.lexists(candidate):
+            if found not in listings:
+                try:
+                    entries = os.listdir(found)
+                except OSError:  # a file, or a folder that cannot be read: reported as missing
+                    entries = []
+                listings[found] = {}
+                for entry in entries:
+                    key = unicodedata.normalize("NFC", entry)
+                    listings[found].setdefault(key, []).append(entry)
+            same = listings[found].get(unicodedata.normalize("NFC", name), [])
+            if len(same) != 1:
+                return None
+            candidate = os.path.join(found, same[0])
+        found = candidate
+    return found
+
+
+def _listed_file(base: str, raw: str, listings: dict[str, dict[str, list[str]]]) -> str:
+    """The file a manifest's path ``raw`` (relative to ``base``, or absolute) names: as written,
+    else with backslashes (written on Windows) as separators, each also with its names in another
+    Unicode form than the file system's (`_in_any_form`). The path as written when none is a
+    file."""
+    written = os.path.normpath(os.path.join(base, os.path.expanduser(raw)))
+    if os.path.isfile(written):
+        return written
+    for spelling in dict.fromkeys((raw, raw.replace("\\", "/"))):
+        path = os.path.normpath(os.path.join(base, os.path.expanduser(spelling)))
+        path = _in_any_form(path, listings)
+        if path is not None and os.path.isfile(path):
+            return path
+    return written
 
 
 def _read_manifest(path: str, root: str) -> tuple[list[_Entry], bool]:
@@ -908,6 +942,7 @@ def _read_manifest(path: str, root: str) -> tuple[list[_Entry], bool]:
     entries, blank, bad_split, missing_files, empty_group, unsupported = [], [], [], [], [], []
     seen: dict[str, int] = {}
     repeated = []
+    listings: dict[str, dict[str, list[str]]] = {}  # for `_in_any_form`
     for line, row in rows[1:]:
         raw, label = cell(row, "path"), cell(row, "label")
         if not raw or not label:
@@ -923,9 +958,7 @@ def _read_manifest(path: str, root: str) -> tuple[list[_Entry], bool]:
         group = cell(row, "group") if has_group else None
         if has_group and not group:
             empty_group.append(f"line {line}: {raw}")
-        full = os.path.normpath(os.path.join(base, os.path.expanduser(raw)))
-        if not os.path.isfile(full):
-            full = next((alt for alt in _spellings(base, raw) if os.path.isfile(alt)), full)
+        full = _listed_file(base, raw, listings)
         if not os.path.isfile(full):
             target = _broken_link(full)
             link = f" (a broken symbolic link to {target})" if target is not None else ""
