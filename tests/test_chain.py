@@ -663,6 +663,78 @@ def test_a_multi_seed_experiment_may_gain_a_baseline(smoke_run, tmp_path):
         assert json.loads((folder / "config.json").read_text())["baselines"]["same_fraction"]
 
 
+class _Stop(Exception):
+    """Stops a run at a chosen point, as a Ctrl-C would."""
+
+
+def test_a_baseline_stopped_before_it_finished_may_be_switched_off_and_on_again(
+    smoke_run, same_fraction_run, tmp_path
+):
+    from weckd_jax import config as config_lib
+
+    base, workdir, before = smoke_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(workdir, run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    config = copy.deepcopy(base)
+    config.baselines.same_fraction = True
+
+    def stop(name, epoch, record):
+        if name == "same_fraction":
+            raise _Stop  # after its first epoch, which is saved
+
+    with pytest.raises(_Stop):
+        chain.run(config, str(run_dir), Progress(enabled=False), on_epoch=stop)
+    step = checkpoints.TrainCheckpoints(str(run_dir), "same_fraction").latest_step()
+    assert step > 0
+    # No results reported it: switched off, the run is the one before, its record too.
+    config.baselines.same_fraction = False
+    out = io.StringIO()
+    results = chain.run(config, str(run_dir), Progress(stream=out))
+    assert (
+        f"note: baselines.same_fraction is switched off: it never finished in {run_dir}, so no "
+        "results lose it; its in-training checkpoints, if any, are kept, and switching it on "
+        "again resumes it"
+    ) in out.getvalue()
+    assert json.loads(json.dumps(results)) == json.loads(json.dumps(before))
+    assert json.loads((run_dir / "config.json").read_text()) == config_lib.with_added_keys(saved)
+    # Switched on again, it resumes where it stopped: the run with the baseline from the start.
+    config.baselines.same_fraction = True
+    out = io.StringIO()
+    results = chain.run(config, str(run_dir), Progress(stream=out))
+    assert f"same_fraction: resuming from step {step} of" in out.getvalue()
+    assert _without_timings(results) == _without_timings(
+        json.loads(json.dumps(same_fraction_run[2]))
+    )
+
+
+def test_a_baseline_finished_in_any_seed_may_not_be_switched_off(tmp_path):
+    from weckd_jax import config as config_lib
+
+    config = smoke_config()
+    with config.unlocked():
+        config.seeds = "0,1"
+    config.baselines.same_fraction = True
+    (tmp_path / "config.json").write_text(json.dumps(config_lib.as_json(config)))
+    # Seed 1 trained it and stopped before writing its record.
+    final = tmp_path / "seed_1" / "checkpoints" / "same_fraction" / "final" / "0"
+    final.mkdir(parents=True)
+    config.baselines.same_fraction = False
+    with pytest.raises(config_lib.ConfigError) as error:
+        chain.check_workdir(config, str(tmp_path))
+    assert (
+        f"baselines.same_fraction: True -> False (finished in {tmp_path / 'seed_1'}: the "
+        "results would lose it)\n"
+    ) in str(error.value)
+    assert str(error.value).endswith("--config.baselines.same_fraction=True")
+    final.rmdir()  # only its in-training checkpoints: it may be switched off
+    assert chain.check_workdir(config, str(tmp_path)) == [
+        f"note: baselines.same_fraction is switched off: it never finished in {tmp_path}, so no "
+        "results lose it; its in-training checkpoints, if any, are kept, and switching it on "
+        "again resumes it"
+    ]
+
+
 def test_a_batch_larger_than_the_link_data_is_warned_about(tmp_path):
     config = smoke_config()
     with config.unlocked():

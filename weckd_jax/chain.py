@@ -689,6 +689,22 @@ def _idle_baselines(saved: dict, config) -> list[str]:
     ]
 
 
+def _unfinished_drops(saved: dict, now: dict, workdir: str) -> tuple[list[str], dict[str, str]]:
+    """The `config.dropped_baselines` (on in ``saved``, the record of ``workdir``; off ``now``)
+    that have not finished in ``workdir`` nor in any ``seed_<s>/`` run of it: no results reported
+    them, so they may be switched off (their jobs change no other). Also, for each one that has
+    finished, why switching it off is refused."""
+    folders = [workdir] + [os.path.join(workdir, name) for name in seed_names(workdir)]
+    unfinished, finished = [], {}
+    for key in config_lib.dropped_baselines(saved, now):
+        done = [f for f in folders if _finished(f, key.split(".", 1)[1])]
+        if done:
+            finished[key] = f"finished in {', '.join(done)}: the results would lose it"
+        else:
+            unfinished.append(key)
+    return unfinished, finished
+
+
 def data_record(data: ImageSet, splits: Splits | None = None) -> dict:
     """What ``data.json`` holds: the data's fingerprint (`data.types.fingerprint`: ``examples``
     and ``pixels`` digests), image count and classes; with ``splits``, also their digest
@@ -711,24 +727,29 @@ def _write_new(path: str, value) -> None:
 
 def _write_config(path: str, config) -> None:
     """Writes ``config`` to the ``config.json`` at ``path`` when none is there. Over the record of
-    a run that ``config`` has passed `check_workdir` against, switches on the baselines
-    ``config`` adds (`config.added_baselines`), and changes nothing else: the record then
-    refuses switching them off again, which would drop them from the run's results."""
+    a run (or of a multi-seed experiment) that ``config`` has passed `check_workdir` against,
+    sets the baselines as ``config`` has them (the changes `check_workdir` allows besides keys
+    that change nothing) and changes nothing else: the record then refuses switching off a
+    baseline once it has finished, which would drop it from the run's results."""
     now = config_lib.as_json(config)
     _write_new(path, now)
     saved = config_lib.with_added_keys(files.read_json(path))
-    if added := config_lib.added_baselines(saved, now):
-        saved["baselines"].update({key.split(".", 1)[1]: True for key in added})
-        files.write_json(path, saved)
+    updated = {**saved, "baselines": now["baselines"]}
+    if updated != saved:
+        files.write_json(path, updated)
 
 
-def check_workdir(config, workdir: str) -> None:
+def check_workdir(config, workdir: str) -> list[str]:
     """Refuses a workdir that holds a run with another config (``config.json``; switching a
-    baseline on is allowed, see `config.added_baselines`, and so is any change of a baseline
-    the chain is too short to train, `_idle_baselines`): resuming it would mix two
-    experiments; one that is no run's folder: a search's (``study.db``) or a
-    folder of images; and, for a single run, a multi-seed experiment's folder. Cheap: called
-    before any data is loaded."""
+    baseline on is allowed, see `config.added_baselines`, and so is switching one off that has
+    not finished, `_unfinished_drops`, or any change of a baseline the chain is too short to
+    train, `_idle_baselines`): resuming it would mix two experiments; one that is no run's
+    folder: a search's (``study.db``) or a folder of images; and, for a single run, a multi-seed
+    experiment's folder. Cheap: called before any data is loaded.
+
+    Returns:
+      The notes to print: one per baseline switched off before it finished.
+    """
     if os.path.exists(study_path(workdir)):
         raise config_lib.ConfigError(
             f"{workdir} is the folder of a hyper-parameter search (it holds {STUDY_FILE}); a run "
@@ -750,17 +771,25 @@ def check_workdir(config, workdir: str) -> None:
                 "written there would be read as a class folder by a later run on these "
                 "images. Choose a new --workdir (data.root names the images to train on)"
             )
-        return
+        return []
     with open(path) as f:
         saved = config_lib.with_added_keys(json.load(f))
     now = config_lib.as_json(config)
-    allowed = config_lib.added_baselines(saved, now) + _idle_baselines(saved, config)
+    idle = _idle_baselines(saved, config)
+    dropped, finished = _unfinished_drops(saved, now, workdir)
+    allowed = config_lib.added_baselines(saved, now) + idle + dropped
     keys = [key for key in config_lib.differing_keys(saved, now) if key not in allowed]
     if saved.get("seeds") and config_lib.seed_list(config):
         # A multi-seed experiment may gain or drop seeds: each seed_<s>/ is checked on its own.
         keys = [key for key in keys if key != "seeds"]
     if not keys:
-        return
+        return [
+            f"note: {key} is switched off: it never finished in {workdir}, so no results lose "
+            "it; its in-training checkpoints, if any, are kept, and switching it on again "
+            "resumes it"
+            for key in dropped
+            if key not in idle
+        ]
     if newer := config_lib.newer_keys(saved, now):
         fix = (
             f"The run was started by an older weckd_jax, without {', '.join(newer)}: finish it "
@@ -771,7 +800,10 @@ def check_workdir(config, workdir: str) -> None:
             "Use a new --workdir for the new config, or resume this run with its saved values "
             f"(in {path}) by adding: {config_lib.restoring_overrides(saved, keys)}"
         )
-    changed = config_lib.differences(saved, now, keys)
+    changed = [
+        line + (f" ({finished[key]})" if key in finished else "")
+        for key, line in zip(keys, config_lib.differences(saved, now, keys), strict=True)
+    ]
     raise config_lib.ConfigError(
         f"{workdir} holds a run with another config; resuming it would mix two "
         "experiments. Differences (saved -> now):\n  " + "\n  ".join(changed) + "\n" + fix
@@ -782,7 +814,7 @@ def bind_workdir(config, workdir: str, data: ImageSet, splits: Splits, writer: b
     """Binds ``workdir`` to ``data`` and its ``splits`` as well as ``config`` (whose
     `check_workdir` has passed): refuses a workdir whose ``data.json`` names other examples or
     other splits, then writes ``config.json`` and ``data.json`` where they are missing (and
-    records the baselines ``config`` adds in ``config.json``, `_write_config`). Returns a
+    records ``config``'s baselines in ``config.json``, `_write_config`). Returns a
     warning when only the decoded pixels differ (same examples, so the same splits). Called once
     the data has passed its checks, so a run that stops on a config or data error leaves the
     workdir free for the corrected command."""
@@ -912,7 +944,8 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
     start = time.perf_counter()
     timer = Timer()
     writer = jax.process_index() == 0
-    check_workdir(config, workdir)  # before loading any data
+    for note in check_workdir(config, workdir):  # before loading any data
+        progress.print(note)
 
     with timer("data"):
         prepared = prepare(config, workdir, writer)
@@ -1058,7 +1091,8 @@ def run_seeds(config, workdir: str, progress: Progress) -> dict:
 
 
 def _run_seeds(config, workdir: str, progress: Progress) -> dict:
-    check_workdir(config, workdir)
+    for note in check_workdir(config, workdir):
+        progress.print(note)
     config_path = os.path.join(workdir, "config.json")
     saved = files.read_json(config_path)
     seeds = config_lib.seed_list(config)

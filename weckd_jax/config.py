@@ -608,6 +608,13 @@ def added_baselines(saved: dict, current: dict) -> list[str]:
     return [f"baselines.{key}" for key in sorted(new) if old.get(key) is False and new[key] is True]
 
 
+def dropped_baselines(saved: dict, current: dict) -> list[str]:
+    """The ``baselines.*`` keys on in ``saved`` (a ``config.json``) and off in ``current``: what
+    `added_baselines` allows, undone. A run lets only a baseline that never finished be switched
+    off (`weckd_jax.chain.check_workdir`): its results never reported it."""
+    return added_baselines(current, saved)
+
+
 def differences(saved: dict, current: dict, keys: list[str] | None = None) -> list[str]:
     """``key: saved -> current`` for each of ``keys`` (default: `differing_keys`)."""
     old, new = dict(_leaves(saved)), dict(_leaves(current))
