@@ -735,6 +735,55 @@ def test_a_baseline_finished_in_any_seed_may_not_be_switched_off(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("stop_in", ["data", "baseline"])
+def test_a_multi_seed_experiment_records_a_gained_baseline_wherever_the_run_stops(
+    stop_in, smoke_run, tmp_path, monkeypatch
+):
+    # A baseline switched on, the run stopped as seed 0 loads its data (before seed 0 records
+    # anything) or as seed 0 trains the baseline: the experiment's record already has it, and
+    # from_run.py:DIR continues the run as it was started. Switched off again, every record is
+    # the one before.
+    from weckd_jax import config as config_lib
+
+    base, workdir, _ = smoke_run
+    shutil.copytree(workdir, tmp_path / "seed_0")
+    config = copy.deepcopy(base)
+    with config.unlocked():
+        config.seeds = "0"
+    chain.run_seeds(config, str(tmp_path), Progress(enabled=False))  # binds the experiment
+    folders = (tmp_path, tmp_path / "seed_0")
+    before = [json.loads((folder / "config.json").read_text()) for folder in folders]
+
+    def stopping(name, function):
+        def stopped(*args, **kwargs):
+            if name is None or args[0].name == name:
+                raise _Stop
+            return function(*args, **kwargs)
+
+        return stopped
+
+    with monkeypatch.context() as patch:
+        if stop_in == "data":
+            patch.setattr(chain, "load_checked", stopping(None, chain.load_checked))
+        else:
+            patch.setattr(chain, "train_job", stopping("same_fraction", chain.train_job))
+        config.baselines.same_fraction = True
+        with pytest.raises(_Stop):
+            chain.run_seeds(config, str(tmp_path), Progress(enabled=False))
+    recorded = [
+        json.loads((folder / "config.json").read_text())["baselines"]["same_fraction"]
+        for folder in folders
+    ]
+    assert recorded == [True, stop_in == "baseline"]
+    assert config_lib.from_run(str(tmp_path)).baselines.same_fraction is True
+
+    config.baselines.same_fraction = False
+    out = io.StringIO()
+    chain.run_seeds(config, str(tmp_path), Progress(stream=out))
+    assert out.getvalue().count("note: baselines.same_fraction is switched off") == sum(recorded)
+    assert [json.loads((folder / "config.json").read_text()) for folder in folders] == before
+
+
 def test_a_batch_larger_than_the_link_data_is_warned_about(tmp_path):
     config = smoke_config()
     with config.unlocked():

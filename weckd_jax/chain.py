@@ -728,13 +728,14 @@ def _write_new(path: str, value) -> None:
 def _write_config(path: str, config) -> None:
     """Writes ``config`` to the ``config.json`` at ``path`` when none is there. Over the record of
     a run (or of a multi-seed experiment) that ``config`` has passed `check_workdir` against,
-    sets the baselines as ``config`` has them (the changes `check_workdir` allows besides keys
-    that change nothing) and changes nothing else: the record then refuses switching off a
-    baseline once it has finished, which would drop it from the run's results."""
+    sets the baselines, and an experiment's seeds, as ``config`` has them (the changes
+    `check_workdir` allows besides keys that change nothing) and changes nothing else: the record
+    then refuses switching off a baseline once it has finished, which would drop it from the
+    run's results."""
     now = config_lib.as_json(config)
     _write_new(path, now)
     saved = config_lib.with_added_keys(files.read_json(path))
-    updated = {**saved, "baselines": now["baselines"]}
+    updated = {**saved, "baselines": now["baselines"], "seeds": now["seeds"]}
     if updated != saved:
         files.write_json(path, updated)
 
@@ -1093,6 +1094,7 @@ def run_seeds(config, workdir: str, progress: Progress) -> dict:
 def _run_seeds(config, workdir: str, progress: Progress) -> dict:
     for note in check_workdir(config, workdir):
         progress.print(note)
+    writer = jax.process_index() == 0
     config_path = os.path.join(workdir, "config.json")
     saved = files.read_json(config_path)
     seeds = config_lib.seed_list(config)
@@ -1104,6 +1106,11 @@ def _run_seeds(config, workdir: str, progress: Progress) -> dict:
             "written anew over the seeds now given (rerun with the old seeds to get the old "
             "summary back)"
         )
+    if writer and saved is not None:
+        # A bound experiment's record follows this run from its start (a baseline switched on
+        # or off, other seeds), before any seed's own record does: whenever the run stops, the
+        # experiment's config.json is the one to continue it with (from_run.py:DIR).
+        _write_config(config_path, config)
     results = {}
     for seed in seeds:
         progress.print(f"== seed {seed}")
@@ -1112,16 +1119,12 @@ def _run_seeds(config, workdir: str, progress: Progress) -> dict:
             seed_config.seed = seed
             seed_config.seeds = ""
         results[seed] = run(seed_config, seed_dir(workdir, seed), progress)
-        if jax.process_index() == 0:
-            # Written once a seed has run, so a config or data error leaves no binding behind;
-            # each seed_<s>/ holds its own config.json and data.json meanwhile. With other
-            # seeds it records the seeds the summary is now over.
-            if reseeded:
-                files.write_json(config_path, config_lib.as_json(config))
-            else:
-                _write_config(config_path, config)
+        if writer and saved is None:
+            # A new experiment is bound once a seed has run, so a config or data error leaves
+            # no binding behind; each seed_<s>/ holds its own config.json and data.json meanwhile.
+            _write_config(config_path, config)
     summary = seeds_lib.summarize(results)
-    if jax.process_index() == 0:
+    if writer:
         files.write_json(os.path.join(workdir, "summary.json"), summary)
         figures.write_summary_figures(workdir, summary)
         report_md.write_summary(workdir, summary)
