@@ -71,20 +71,23 @@ def test_an_evaluation_with_another_config_is_not_overwritten(smoke_run):
     assert os.path.isfile(first["path"]) and os.path.isfile(kept["path"])
 
 
-def test_the_runs_own_config_evaluates_it_again_once_it_gained_a_baseline(smoke_run, tmp_path):
+def test_the_runs_own_config_evaluates_it_again_once_its_baselines_changed(smoke_run, tmp_path):
     # evaluate --config configs/from_run.py:DIR, a baseline switched on in DIR (its config.json
-    # records it), then the same command: the new evaluation holds every model of the first.
+    # records it), then the same command; then again once it is switched off before it finished:
+    # each new evaluation holds every model of the first (those results.json reports).
     _, workdir, _ = smoke_run
     run_dir = tmp_path / "run"
     shutil.copytree(workdir, run_dir)
     first = evaluate.evaluate_workdir(str(run_dir), config_lib.from_run(str(run_dir)), name="own")
-    gained = config_lib.from_run(str(run_dir))
-    gained.baselines.same_fraction = True
-    chain._write_config(str(run_dir / "config.json"), gained)  # as the rerun adding it does
-    again = evaluate.evaluate_workdir(str(run_dir), config_lib.from_run(str(run_dir)), name="own")
-    assert again["links"] == first["links"] and again["baselines"] == first["baselines"]
-    with open(again["path"]) as f:
-        assert json.load(f)["config"]["baselines"]["same_fraction"] is True
+    for on in (True, False):
+        changed = config_lib.from_run(str(run_dir))
+        changed.baselines.same_fraction = on
+        chain._write_config(str(run_dir / "config.json"), changed)  # as the rerun does
+        own = config_lib.from_run(str(run_dir))
+        again = evaluate.evaluate_workdir(str(run_dir), own, name="own")
+        assert again["links"] == first["links"] and again["baselines"] == first["baselines"]
+        with open(again["path"]) as f:
+            assert json.load(f)["config"]["baselines"]["same_fraction"] is on
 
 
 def test_split_fractions_may_change_over_an_evaluation_of_all_images_only(smoke_run):

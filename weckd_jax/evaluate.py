@@ -22,9 +22,9 @@ Writes ``DIR/evaluations/<NAME>-<split>.json`` (``NAME``: the config file's name
 prints a table next to each model's test accuracy in the run. An existing file written with another
 config is never replaced (exit status 2: pass another ``--name``); for ``--split all`` the keys
 that only choose the splits (``data.val_fraction``, ``data.test_fraction``, and ``seed`` unless
-the data is synthetic) may differ, as they change no image evaluated, and for any split a
-``baselines.*`` key may have gone from false to true (the run's own config, once the run gained
-that baseline). The config's ``model`` and ``chain`` keys are replaced by the run's: the models
+the data is synthetic) may differ, as they change no image evaluated, and for any split the
+``baselines.*`` keys, as they choose no model (those evaluated are the ones ``results.json``
+reports). The config's ``model`` and ``chain`` keys are replaced by the run's: the models
 come from its checkpoints, each checked to hold the weights ``results.json`` reports (their
 ``fingerprint``) and to output one score per class it
 names; these checks, and that of an existing output file's config, come before the data is loaded.
@@ -196,16 +196,18 @@ def _refuse_overwrite(
     """Refuses to replace an evaluation of ``split`` made with another config (e.g. another
     hospital's data under the same config file name) or on other examples (the folder changed
     since); with ``examples=None`` (the data not loaded yet) only the config is compared. For
-    ``all``, the `_split_keys` may differ: every image is evaluated whatever the splits; and a
-    baseline may have been switched on (`config.added_baselines`)."""
+    ``all``, the `_split_keys` may differ: every image is evaluated whatever the splits; and the
+    ``baselines.*`` keys may differ for any split."""
     existing = files.read_json(path)
     if existing is None:
         return
     saved = config_lib.with_added_keys(existing.get("config", {}))
-    # A baseline switched on since (the run's own config gains it when the run does): the
-    # models evaluated are those of results.json, which a run never loses.
-    gained = config_lib.added_baselines(saved, config_json)
-    keys = [k for k in config_lib.differing_keys(saved, config_json) if k not in gained]
+    # They choose no model: those evaluated are the ones results.json reports, which a run never
+    # loses. (The run's own config gains a baseline switched on, and loses one switched off
+    # before it finished.)
+    keys = [
+        k for k in config_lib.differing_keys(saved, config_json) if not k.startswith("baselines.")
+    ]
     if split == "all":
         keys = [k for k in keys if k not in _split_keys(config_json)]
     changed = config_lib.differences(saved, config_json, keys)
