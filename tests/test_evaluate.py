@@ -239,67 +239,63 @@ def test_changed_data_under_the_run_config_is_flagged_not_counted(smoke_run):
 
 
 @pytest.mark.parametrize(
-    "source, key, value",
-    [("synthetic", "data.test_fraction", 0.5), ("folder", "seed", 1)],
-    ids=["fraction", "seed-of-a-folder"],
+    "source, override, splits, note_says",
+    [
+        # Another split of the run's images: the same images, which the run's own splits count.
+        ("synthetic", {"data.test_fraction": 0.5}, "run", None),
+        # A folder's images are the same whatever the seed (the smoke run's images stand in).
+        ("folder", {"seed": 1}, "run", None),
+        # As if an older version had cut the same data into other splits.
+        (
+            "synthetic",
+            {},
+            "0" * 64,
+            "cuts the run's data into other splits than the version that trained it",
+        ),
+        # data.json of a version before the digest: older rounding may have cut its splits.
+        ("synthetic", {}, None, "predates the record of its splits"),
+    ],
+    ids=["fraction", "seed-of-a-folder", "other-splits", "no-digest"],
 )
-def test_keys_that_only_choose_splits_do_not_hide_the_overlap_with_the_run(
-    source, key, value, smoke_run
+def test_the_overlap_with_the_run_is_counted_on_its_own_splits_or_left_unknown(
+    source, override, splits, note_says, smoke_run, tmp_path
 ):
-    # The run's images decoded with other rounding (another CPU or Pillow), evaluated with another
-    # split of them: the same images, which the run's own splits count. (A folder's images are the
-    # same whatever the seed; the smoke run's images stand in for a folder's.)
+    # The run's images decoded with other rounding (another CPU or Pillow), evaluated with the
+    # keys of `override` changed: counted on the run's splits as its data.json records them, or
+    # unknown (with a note) when that record cannot be recomputed.
     config, workdir, _ = smoke_run
     with open(os.path.join(workdir, "config.json")) as f:
         run_config = json.load(f)
     run_config["data"]["source"] = source
     other = json.loads(json.dumps(run_config))
-    section, name = key.split(".") if "." in key else (None, key)
-    (other[section] if section else other)[name] = value
+    for key, value in override.items():
+        *section, name = key.split(".")
+        (other[section[0]] if section else other)[name] = value
+    with open(os.path.join(workdir, "data.json")) as f:
+        saved = json.load(f)
     data = data_lib.load(config.data, seed=config.seed)
+    run_splits = chain.make_run_splits(config, data)
+    assert saved.pop("splits") == chain.splits_digest(run_splits)
+    if splits is not None:
+        saved["splits"] = chain.splits_digest(run_splits) if splits == "run" else splits
+    (tmp_path / "data.json").write_text(json.dumps(saved))
     images = data.images.copy()
     images[0, 0, 0, 0] ^= 1
     repixelled = dataclasses.replace(data, images=images)
     index = np.arange(len(data))
-    record, _ = evaluate._overlap(
-        workdir, run_config, other, repixelled, index, chain.data_record(repixelled)
-    )
-    splits = chain.make_run_splits(config, data)
-    assert record == {
-        "same_data_as_run": True,
-        "in_run_train_pool": len(splits.train),
-        "in_run_val": len(splits.val),
-    }
-
-
-@pytest.mark.parametrize(
-    "splits, note_says",
-    [
-        # As if an older version had cut the same data into other splits.
-        ("0" * 64, "cuts the run's data into other splits than the version that trained it"),
-        # data.json of a version before the digest: older rounding may have cut its splits.
-        (None, "predates the record of its splits"),
-    ],
-    ids=["other-splits", "no-digest"],
-)
-def test_a_run_whose_splits_cannot_be_recomputed_is_not_counted(
-    splits, note_says, smoke_run, tmp_path
-):
-    config, workdir, _ = smoke_run
-    with open(os.path.join(workdir, "config.json")) as f:
-        run_config = json.load(f)
-    with open(os.path.join(workdir, "data.json")) as f:
-        saved = json.load(f)
-    data = data_lib.load(config.data, seed=config.seed)
-    assert saved.pop("splits") == chain.splits_digest(chain.make_run_splits(config, data))
-    if splits is not None:
-        saved["splits"] = splits
-    (tmp_path / "data.json").write_text(json.dumps(saved))
     record, note = evaluate._overlap(
-        str(tmp_path), run_config, run_config, data, np.arange(len(data)), chain.data_record(data)
+        str(tmp_path), run_config, other, repixelled, index, chain.data_record(repixelled)
     )
-    assert record == {"same_data_as_run": True, "in_run_train_pool": None, "in_run_val": None}
-    assert note_says in note
+    if note_says is None:
+        assert record == {
+            "same_data_as_run": True,
+            "in_run_train_pool": len(run_splits.train),
+            "in_run_val": len(run_splits.val),
+        }
+        assert note is None
+    else:
+        assert record == {"same_data_as_run": True, "in_run_train_pool": None, "in_run_val": None}
+        assert note_says in note
 
 
 def test_a_checkpoint_that_is_not_the_reported_model_is_refused(smoke_run, tmp_path):

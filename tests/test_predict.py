@@ -305,40 +305,36 @@ def test_checkpoint_with_other_classes_is_refused_alike_by_predict_and_evaluate(
     assert (code, out, err) == (2, "", f"error: {message} Or pick another --link.\n")
 
 
-def test_damaged_checkpoint_names_it_and_the_fix(smoke_run, images, tmp_path, capsys):
-    _, workdir, results = smoke_run
-    _, paths, _ = images
-    fake = _copy_run(workdir, results, tmp_path / "run")
-    final = os.path.join(fake, "checkpoints", "link_2", "final")
-    shutil.rmtree(os.path.join(final, "0", "params"))
-    code, out, err = _run(["--workdir", fake, "--images", paths[0]], capsys)
-    assert code == 2 and out == "" and "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith(f"error: the final checkpoint of link_2 ({final}) cannot be read (")
-    assert "params" in last and "move that folder and" in last
-    assert os.path.join(fake, "jobs", "link_2.json") in last
-    assert last.endswith("Or pick another --link.")
-
-
-def test_a_checkpoint_that_is_not_the_reported_model_is_refused(
-    smoke_run, images, tmp_path, capsys
+@pytest.mark.parametrize("tamper", ["damaged", "swapped"])
+def test_a_checkpoint_that_cannot_serve_as_the_reported_model_is_named_with_the_fix(
+    tamper, smoke_run, images, tmp_path, capsys
 ):
-    # Link 1's weights put where link 2's were (same architecture and classes): the predictions
-    # would pass for link 2's.
+    # Link 2's checkpoint with its params deleted, or link 1's weights put where link 2's were
+    # (same architecture and classes: the predictions would pass for link 2's).
     _, workdir, results = smoke_run
     _, paths, _ = images
     fake = _copy_run(workdir, results, tmp_path / "run")
     final = os.path.join(fake, "checkpoints", "link_2", "final")
-    shutil.rmtree(final)
-    shutil.copytree(os.path.join(workdir, "checkpoints", "link_1", "final"), final)
+    if tamper == "damaged":
+        shutil.rmtree(os.path.join(final, "0", "params"))
+    else:
+        shutil.rmtree(final)
+        shutil.copytree(os.path.join(workdir, "checkpoints", "link_1", "final"), final)
     code, out, err = _run(["--workdir", fake, "--images", paths[0]], capsys)
     assert code == 2 and out == "" and err.count("\n") == 1, err
-    found, reported = results["links"][0]["fingerprint"], results["links"][1]["fingerprint"]
-    assert err.startswith(
-        f"error: the final checkpoint of link_2 ({final}) holds other weights than the link_2 "
-        f"that {os.path.join(fake, 'results.json')} reports (fingerprint {found[:12]}, "
-        f"reported {reported[:12]}): it was replaced or altered after the run finished."
-    )
+    assert err.endswith("Or pick another --link.\n")
+    if tamper == "damaged":
+        assert err.startswith(f"error: the final checkpoint of link_2 ({final}) cannot be read (")
+        assert "params" in err and "move that folder and" in err
+        assert os.path.join(fake, "jobs", "link_2.json") in err
+    else:
+        found, reported = results["links"][0]["fingerprint"], results["links"][1]["fingerprint"]
+        assert err.startswith(
+            f"error: the final checkpoint of link_2 ({final}) holds other weights than the "
+            f"link_2 that {os.path.join(fake, 'results.json')} reports (fingerprint "
+            f"{found[:12]}, reported {reported[:12]}): it was replaced or altered after the run "
+            "finished."
+        )
 
 
 def test_a_missing_checkpoint_is_reported_alike_by_predict_and_evaluate(
