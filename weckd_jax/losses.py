@@ -359,16 +359,20 @@ def kd_kl(
         = T^2 \sum_k p^t_{ik} \big(\log p^t_{ik} - \log p^s_{ik}\big)
 
     The ``T^2`` factor keeps gradient magnitudes comparable across temperatures (Hinton et al.,
-    2015). Computed from log-softmax, so it stays finite for logits of magnitude ``1e4``, and it
-    is exactly ``0`` when the student and teacher logits are equal. Classes the teacher rules out
-    (logit ``-inf``) add nothing (``0 log 0 = 0``). The teacher is under ``stop_gradient``:
-    gradients flow to the student only.
+    2015); as ``T -> inf`` the loss tends to logit matching, ``sum_k c_k^2 / 2K`` with ``c`` the
+    difference ``s - t`` minus its mean. It stays finite for logits of magnitude ``1e4``, and it
+    is exactly ``0``, with a zero gradient, when the student and teacher logits are equal.
+    Classes the teacher rules out (logit ``-inf``) add nothing (``0 log 0 = 0``). The teacher is
+    under ``stop_gradient``: gradients flow to the student only.
 
-    Precision: each log-softmax rounds to about ``1e-7 log K`` in float32 and the ``T^2`` factor
-    multiplies that, so the value's relative error grows like ``T^2``: about ``2e-4`` at
-    ``T = 30``, ``1e-3`` at ``T = 100``, a few per cent at ``T = 300``; beyond that the value is
-    unreliable (it can come out negative). The gradient, ``T (softmax(s/T) - softmax(t/T))``,
-    stays accurate. For such temperatures compute in float64.
+    Precision: in float32, the value and the gradient ``T (softmax(s/T) - softmax(t/T))`` are
+    accurate to about ``1e-6`` (relative) at every temperature from ``1e-18`` to ``3.4e38``, even
+    when the student and teacher nearly agree (measured: at most ``5e-7`` against a 120-digit
+    reference, logits of scale 0.01 to 1000); results below ``1.2e-38`` (float32's smallest
+    normal number) flush to 0. Where ``T`` is at least every ``|c_k|``, with ``c = (s - t) - sum_k
+    p_k (s_k - t_k)``, ``p = softmax(t/T)``, the loss is computed as ``T^2 log sum_k p_k
+    exp(c_k / T)``: the textbook difference of two log-softmaxes would cancel there, and ``T^2``
+    would multiply its rounding.
 
     Args:
       student_logits: ``[B, K]`` (any leading batch shape).
@@ -415,14 +419,55 @@ def _kd_kl_core(
     s = _mask_rows(_float(student_logits), where)
     t = _mask_rows(_float(jax.lax.stop_gradient(teacher_logits)), where)
     temp = jnp.asarray(temperature, s.dtype)
-    log_ps = jax.nn.log_softmax(s / temp, axis=-1)
-    log_pt = jax.nn.log_softmax(t / temp, axis=-1)
+    zero, one = jnp.zeros((), s.dtype), jnp.ones((), s.dtype)
+    # Each row shifted to a maximum of exactly 0 before dividing by T: log_softmax of z / T then
+    # subtracts an exact 0. (Of large z / T, e.g. at T = 1e-10, XLA may compute the maximum and
+    # the element with and without a fused multiply-add: a residual of ulp(z / T) would be
+    # exponentiated.)
+    s_0 = s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    t_0 = t - jnp.max(t, axis=-1, keepdims=True)
+    log_pt = jax.nn.log_softmax(t_0 / temp, axis=-1)
     p_t = jnp.exp(log_pt)
-    # 0 log 0 = 0: a class the teacher rules out (logit -inf) adds nothing, instead of the NaN of
-    # -inf - -inf; selected before the product, so the gradient stays finite too.
-    log_ratio = jnp.where(p_t > 0, log_pt - log_ps, jnp.zeros((), s.dtype))
-    kl = jnp.sum(p_t * log_ratio, axis=-1)
-    return _apply_where(temp * temp * kl, where)
+    taught = p_t > 0  # A class the teacher rules out (logit -inf) adds nothing (0 log 0 = 0).
+
+    # With d = s - t and c = d - sum_k p_t,k d_k (so sum_k p_t,k c_k = 0), exactly
+    #   T^2 KL = T^2 log sum_k p_t,k exp(c_k / T) = T^2 log1p(u),  u = sum_k p_t,k f(c_k / T),
+    # f(y) = e^y - 1 - y. Where |c_k| <= T for every class (at high temperatures) this "near"
+    # form is used: it has none of the cancellation of two log-softmaxes, whose float32 rounding
+    # T^2 would multiply. With f(y) = y^2 g(y), x = T^2 u = sum_k p_t,k c_k^2 g(c_k / T) never
+    # forms T^2 or y^2, which under/overflow at extreme temperatures. A class the teacher rules
+    # out has c = inf: such rows take the far form below.
+    d = s - t
+    c = d - jnp.sum(jnp.where(taught, p_t * d, zero), axis=-1, keepdims=True)
+    near = temp >= jax.lax.stop_gradient(jnp.max(jnp.abs(c), axis=-1))  # False for NaN or inf.
+    c_near = jnp.where(near[..., None], c, zero)  # Zero where unused: finite in gradients.
+    x = jnp.sum(p_t * jnp.square(c_near) * _expm1_minus_x_over_x2(c_near / temp), axis=-1)
+    near_value = x * _log1p_over_x(x / (temp * temp))  # u <= e - 2; 0 where T^2 overflows.
+
+    # Otherwise (T below the spread of c): the textbook T^2 sum_k p_t,k (log p_t,k - log p_s,k).
+    # Selected before the product, so that 0 log 0 also has a finite gradient.
+    log_ratio = jnp.where(taught, log_pt - jax.nn.log_softmax(s_0 / temp, axis=-1), zero)
+    far_temp = jnp.where(near, one, temp)  # T^2 can overflow where unused: inf * 0 gradients.
+    far_value = jnp.sum(p_t * log_ratio, axis=-1) * jnp.square(far_temp)
+    return _apply_where(jnp.where(near, near_value, far_value), where)
+
+
+def _expm1_minus_x_over_x2(y: jax.Array) -> jax.Array:
+    """``(e^y - 1 - y) / y^2`` for ``|y| <= 1``, from its Taylor series ``sum_n y^n / (n+2)!``
+    (17 terms: float64-accurate; ``expm1(y) - y`` would cancel for small ``y``)."""
+    out = jnp.full_like(y, 1.0 / math.factorial(18))
+    for n in range(15, -1, -1):
+        out = out * y + 1.0 / math.factorial(n + 2)
+    return out
+
+
+def _log1p_over_x(u: jax.Array) -> jax.Array:
+    """``log1p(u) / u`` for ``u >= 0`` (1 at 0), with a finite gradient: below ``1e-4`` from its
+    series ``1 - u/2 + u^2/3 - u^3/4`` (float64-accurate there)."""
+    small = u < 1e-4
+    u_big = jnp.where(small, jnp.ones((), u.dtype), u)
+    series = 1.0 - u * (1.0 / 2.0 - u * (1.0 / 3.0 - u / 4.0))
+    return jnp.where(small, series, jnp.log1p(u_big) / u_big)
 
 
 def _teacher_list(
