@@ -851,11 +851,24 @@ def test_schedule_midpoints():
         ("linear", dict(t_max=1.0, t_min=4.0, total_steps=10), "swap"),
         ("linear", dict(t_max=4.0, t_min=1.0, total_steps=0), "total_steps"),
         ("linear", dict(t_max=4.0, t_min=1.0, total_steps=2.5), "total_steps"),
+        # Outside kd_kl's range the schedule would hand it a temperature it cannot use (traced,
+        # so unchecked there): 0 / NaN losses below 1e-18, inf above float32's largest number.
+        ("cosine", dict(t_max=4.0, t_min=1e-20, total_steps=10), r"t_min must be .*\[1e-18, "),
+        ("cosine", dict(t_max=1e39, t_min=1.0, total_steps=10), r"t_max must be .*got 1e\+39"),
     ],
 )
 def test_schedule_errors(kind, kwargs, match):
     with pytest.raises(ValueError, match=match):
         temperature_schedule(kind, **kwargs)
+
+
+def test_the_ends_of_the_temperature_range_are_accepted():
+    low, high = 1e-18, float(np.finfo(np.float32).max)
+    s, t = _logits(1), _logits(2)
+    for temp in (low, high):
+        assert np.all(np.isfinite(kd_kl(s, t, temperature=temp)))
+    sched = temperature_schedule("linear", t_max=high, t_min=low, total_steps=2)
+    assert [float(sched(0)), float(sched(2))] == [float(np.float32(high)), float(np.float32(low))]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1065,6 +1078,15 @@ ERRORS = [
     ("kd temp neg", lambda: kd_kl(S2, T2, temperature=np.float32(-2.0)), "temperature"),
     ("kd temp inf", lambda: kd_kl(S2, T2, temperature=math.inf), "temperature"),
     ("kd temp vector", lambda: kd_kl(S2, T2, temperature=np.ones(2)), "scalar"),
+    # Below 1e-18, T^2 underflows float32 (0 or NaN losses); above 3.4e38, T overflows.
+    (
+        "kd temp tiny",
+        lambda: kd_kl(S2, T2, temperature=1e-19),
+        r"temperature must be a number in \[1e-18, 3.4e\+38\].*got 1e-19",
+    ),
+    ("kd temp huge", lambda: kd_kl(S2, T2, temperature=1e39), r"\[1e-18, 3.4e\+38\].*1e\+39"),
+    ("multi temp tiny", lambda: kd_kl_multi(S2, [T2], temperature=1e-30), r"\[1e-18, "),
+    ("w temp tiny", _w(teacher_logits=T2, temperature=1e-20), r"temperature must be .*\[1e-18, "),
     ("multi empty", lambda: kd_kl_multi(S2, [], temperature=1.0), "empty"),
     ("multi w len", lambda: kd_kl_multi(S2, [T2], temperature=1.0, weights=[1, 2]), r"\(1,\)"),
     ("multi w neg", lambda: kd_kl_multi(S2, [T2] * 2, temperature=1.0, weights=[1, -1]), ">= 0"),

@@ -136,13 +136,21 @@ def _check_scalar(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a scalar, got an array of shape {_shape(value)}.")
 
 
-def _check_temperature(temperature: ScalarLike) -> None:
-    _check_scalar("temperature", temperature)
+# The temperatures kd_kl is accurate for: below 1e-18, T^2 underflows float32 (the loss and its
+# gradient come out 0 or NaN); above float32's largest number, T itself is inf.
+TEMPERATURE_RANGE = (1e-18, float(jnp.finfo(jnp.float32).max))
+
+
+def _check_temperature(temperature: ScalarLike, name: str = "temperature") -> None:
+    """A real scalar, in `TEMPERATURE_RANGE` when concrete (a traced one cannot be checked)."""
+    _check_scalar(name, temperature)
     t = _concrete(temperature)
-    if t is not None and not (t > 0 and math.isfinite(t)):
+    low, high = TEMPERATURE_RANGE
+    if t is not None and not low <= t <= high:
         raise ValueError(
-            f"temperature must be a finite number > 0, got {t}. Pass a positive temperature "
-            "(1.0 = no softening; Hinton et al. use 2-20)."
+            f"{name} must be a number in [{low:g}, {high:.3g}] (where float32 computes the "
+            f"distillation loss accurately), got {t:g}. Pass e.g. {name}=2.0 (1.0 = no "
+            "softening; Hinton et al. use 2-20)."
         )
 
 
@@ -377,8 +385,11 @@ def kd_kl(
     Args:
       student_logits: ``[B, K]`` (any leading batch shape).
       teacher_logits: ``[B, K]``, same shape.
-      temperature: scalar ``T > 0``; a Python float or a traced scalar (e.g. from
-        :func:`temperature_schedule` inside ``jit``). Only a concrete value can be checked.
+      temperature: scalar ``T`` in ``[1e-18, 3.4e38]`` (``TEMPERATURE_RANGE``; a concrete value
+        outside is a `ValueError`); a Python float or a traced scalar (e.g. from
+        :func:`temperature_schedule` inside ``jit``). A traced value cannot be checked: below
+        ``1e-18`` the loss and its gradient come out 0 or NaN, a negative one gives meaningless
+        numbers, and ``inf`` gives the ``T -> inf`` limit.
       where: optional bool ``[B]``; masked-out examples give 0 and zero gradient.
 
     Returns:
@@ -547,7 +558,7 @@ def kd_kl_multi(
     Args:
       student_logits: ``[B, K]``.
       teacher_logits_seq: a sequence of ``J`` arrays ``[B, K]``, or one stacked ``[J, B, K]``.
-      temperature: scalar ``T > 0`` (see :func:`kd_kl`).
+      temperature: scalar ``T`` in ``[1e-18, 3.4e38]`` (see :func:`kd_kl`).
       weights: optional ``J`` non-negative weights, normalised to sum 1; default uniform.
       where: optional bool ``[B]``; masked-out examples give 0 and zero gradient.
 
@@ -823,7 +834,7 @@ def temperature_schedule(kind: str, *, t_max: float, t_min: float, total_steps: 
     Args:
       kind: one of ``"constant"``, ``"linear"``, ``"cosine"``.
       t_max: starting temperature, ``>= t_min``.
-      t_min: final temperature, ``> 0``.
+      t_min: final temperature. Both in ``[1e-18, 3.4e38]``, the range of :func:`kd_kl`.
       total_steps: steps over which to anneal, an integer ``>= 1``.
 
       The three values may be Python numbers or scalar arrays, traced ones included (a trainer
@@ -846,17 +857,14 @@ def temperature_schedule(kind: str, *, t_max: float, t_min: float, total_steps: 
         raise ValueError(
             f"Unknown temperature schedule kind {kind!r}: use one of {list(SCHEDULE_KINDS)}."
         )
-    for name, value in (("t_max", t_max), ("t_min", t_min), ("total_steps", total_steps)):
-        _check_scalar(name, value)
+    _check_temperature(t_max, "t_max")
+    _check_temperature(t_min, "t_min")
+    _check_scalar("total_steps", total_steps)
     t_max_c, t_min_c, steps_c = _concrete(t_max), _concrete(t_min), _concrete(total_steps)
-    if t_min_c is not None and not (math.isfinite(t_min_c) and t_min_c > 0):
-        raise ValueError(f"t_min must be a finite number > 0, got {t_min!r}: use e.g. t_min=1.0.")
-    if t_max_c is not None and (
-        not math.isfinite(t_max_c) or (t_min_c is not None and t_max_c < t_min_c)
-    ):
+    if t_max_c is not None and t_min_c is not None and t_max_c < t_min_c:
         raise ValueError(
-            f"t_max must be finite and >= t_min, got t_max={t_max!r} < t_min={t_min!r}: swap "
-            "them (the schedule anneals from t_max down to t_min)."
+            f"t_max must be >= t_min, got t_max={t_max!r} < t_min={t_min!r}: swap them (the "
+            "schedule anneals from t_max down to t_min)."
         )
     if isinstance(total_steps, bool) or (
         steps_c is not None and (steps_c < 1 or steps_c != math.floor(steps_c))
@@ -1015,8 +1023,8 @@ def weckd_loss(
         from the student's (see :func:`attention_transfer`).
       alpha: distillation weight in ``[0, 1]``.
       beta: attention-transfer weight ``>= 0``. ``beta > 0`` with a teacher requires features.
-      temperature: ``T > 0``, a Python float or a traced scalar (e.g. from
-        :func:`temperature_schedule`).
+      temperature: ``T`` in ``[1e-18, 3.4e38]``, a Python float or a traced scalar (e.g. from
+        :func:`temperature_schedule`); see :func:`kd_kl`.
       label_smoothing: for the cross-entropy term, in ``[0, 1)``.
       p: attention exponent (``>= 1``).
       where: optional bool ``[B]`` masking whole examples (padding): they give 0 in every part
