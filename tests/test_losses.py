@@ -392,6 +392,22 @@ def test_kd_kl_multi_is_weighted_sum():
     np.testing.assert_allclose(uniform, 0.5 * (_np_kd(s, t1, 2.0) + _np_kd(s, t2, 2.0)), rtol=1e-5)
 
 
+def test_huge_teacher_weights_are_normalised_without_overflow():
+    # Only their ratios matter. In float32 the sum of [3e38, 3e38] overflowed to inf (both
+    # weights became 0: no KD term), and 1e39 itself was inf (NaN).
+    s, t1, t2 = _logits(0), _logits(1), _logits(2)
+    uniform = kd_kl_multi(s, [t1, t2], temperature=2.0)
+    for huge in ([3e38, 3e38], np.array([1e39, 1e39])):
+        np.testing.assert_allclose(kd_kl_multi(s, [t1, t2], temperature=2.0, weights=huge), uniform)
+    loss, _ = weckd_loss(
+        s, _labels(0), label_mask=MASK, teacher_logits=[t1, t2], teacher_weights=[3e38, 1e38]
+    )
+    expected, _ = weckd_loss(
+        s, _labels(0), label_mask=MASK, teacher_logits=[t1, t2], teacher_weights=[3.0, 1.0]
+    )
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
 def test_a_teacher_weighted_zero_adds_exactly_nothing_even_when_broken():
     s, t = _logits(0), _logits(1)
     broken_logits = np.full_like(t, np.inf)
@@ -1092,6 +1108,38 @@ ERRORS = [
     ("multi w neg", lambda: kd_kl_multi(S2, [T2] * 2, temperature=1.0, weights=[1, -1]), ">= 0"),
     ("multi w zero", lambda: kd_kl_multi(S2, [T2] * 2, temperature=1.0, weights=[0, 0]), "zero"),
     ("multi rank", lambda: kd_kl_multi(S2, np.zeros((2, 3, 3, 3)), temperature=1.0), "stacked"),
+    # True/False are not weights (they used to count as 1/0), nor are complex numbers or nested
+    # lists (both used to raise float()'s TypeError, naming no argument).
+    (
+        "multi w bools",
+        lambda: kd_kl_multi(S2, [T2] * 2, temperature=1.0, weights=[True, False]),
+        r"weights must be real numbers, got a bool .*weights=\[1.0, 0.0\]",
+    ),
+    (
+        "multi w bool array",
+        lambda: kd_kl_multi(S2, [T2] * 2, temperature=1.0, weights=np.array([True, True])),
+        "weights must be real numbers, got a bool",
+    ),
+    (
+        "multi w one bool",
+        lambda: kd_kl_multi(S2, [T2] * 2, temperature=1.0, weights=[1.0, np.True_]),
+        "weights must be real numbers, got a bool",
+    ),
+    (
+        "w teacher weights bools",
+        _w(teacher_logits=[T2, T2], teacher_weights=[True, False]),
+        "teacher_weights must be real numbers, got a bool",
+    ),
+    (
+        "multi w complex",
+        lambda: kd_kl_multi(S2, [T2] * 2, temperature=1.0, weights=[1j, 1.0]),
+        "weights must be real numbers, got a complex",
+    ),
+    (
+        "multi w nested",
+        lambda: kd_kl_multi(S2, [T2] * 2, temperature=1.0, weights=[[1, 2], [3, 4]]),
+        r"expected shape \(2,\), got \(2, 2\)",
+    ),
     ("multi temp", lambda: kd_kl_multi(S2, [T2], temperature=-1.0), "temperature"),
     ("map rank", lambda: attention_map(np.zeros((2, 8))), "NHWC"),
     ("map p", lambda: attention_map(F2, p=0.5), "p must be"),

@@ -502,29 +502,38 @@ def _teacher_list(
 
 
 def _check_teacher_weights(weights: Any, num_teachers: int, name: str) -> jax.Array | None:
-    """Validates ``weights`` (length J, >= 0, sum > 0; values only when concrete) and returns
-    them as an array (``None`` stays ``None``: uniform). Normalisation happens in the cores."""
+    """Validates ``weights`` (length J, real, >= 0, sum > 0; values only when concrete) and
+    returns them as an array, normalised to sum 1 when concrete (``None`` stays ``None``:
+    uniform). The cores normalise again (traced weights), which leaves these unchanged."""
     if weights is None:
         return None
     _check_array(name, weights, f"{num_teachers} non-negative weights, one per teacher")
-    shape = (len(weights),) if _is_seq(weights) else _shape(weights)
-    if shape != (num_teachers,):
+    if _shape(weights) != (num_teachers,):
         raise ValueError(
             f"{name} must hold one weight per teacher: expected shape ({num_teachers},), got "
-            f"{shape}."
+            f"{_shape(weights)}."
         )
+    # Each element of a list: [1.0, True] is an array of floats.
+    for dtype in map(jnp.result_type, weights if _is_seq(weights) else [weights]):
+        if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+            kind = "bool (True/False)" if dtype == jnp.bool_ else f"{dtype} number"
+            raise ValueError(
+                f"{name} must be real numbers, got a {kind}: pass e.g. {name}=[1.0, 0.0] (a "
+                "teacher weighted 0.0 adds nothing; only the ratios of the weights matter)."
+            )
     try:
         values = [float(x) for x in weights] if _is_seq(weights) else weights.tolist()
     except jax.errors.ConcretizationTypeError:
-        values = None  # Traced weights cannot be checked.
-    if values is not None and (
-        any(not (v >= 0 and math.isfinite(v)) for v in values) or sum(values) <= 0
-    ):
+        return jnp.asarray(weights)  # Traced weights cannot be checked.
+    if any(not (v >= 0 and math.isfinite(v)) for v in values) or sum(values) <= 0:
         raise ValueError(
             f"{name} must be finite, >= 0 and not all zero, got {values}. They are normalised "
             "to sum 1, so only their ratios matter."
         )
-    return jnp.asarray(weights)
+    # Normalised here, in float64 and scaled by the largest first: in float32 the sum of
+    # weights such as [3e38, 3e38] overflows (every weight became 0), and 1e39 is inf.
+    scaled = [v / max(values) for v in values]
+    return jnp.asarray([v / sum(scaled) for v in scaled])
 
 
 def _unless_unweighted(x: jax.Array, weight: jax.Array | None) -> jax.Array:
