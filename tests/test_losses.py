@@ -878,6 +878,18 @@ def test_schedule_errors(kind, kwargs, match):
         temperature_schedule(kind, **kwargs)
 
 
+def test_schedule_steps_beyond_int32_are_exact():
+    # A Python int >= 2**31 raised JAX's OverflowError naming no argument; a NumPy int64 wrapped
+    # around silently (step 2**32 + 3 read as step 3, 2**31 as -2**31, i.e. t_max).
+    sched = temperature_schedule("linear", t_max=4.0, t_min=1.0, total_steps=10)
+    for step in (2**31, 2**40, np.int64(2**32 + 3), np.array(2**31), np.array([2**31, 5])):
+        np.testing.assert_array_equal(sched(step), np.where(np.asarray(step) >= 10, 1.0, 2.5))
+    long = temperature_schedule("linear", t_max=4.0, t_min=1.0, total_steps=2**32)
+    assert [float(long(2**31)), float(long(np.int64(2**32)))] == [2.5, 1.0]
+    wrapped = temperature_schedule("linear", t_max=4.0, t_min=1.0, total_steps=np.int64(2**32 + 8))
+    assert float(wrapped(8)) == 4.0  # Not t_min: total_steps is not 8.
+
+
 def test_the_ends_of_the_temperature_range_are_accepted():
     low, high = 1e-18, float(np.finfo(np.float32).max)
     s, t = _logits(1), _logits(2)
@@ -1074,6 +1086,10 @@ def _w(**kw):
     return lambda: weckd_loss(S2, Y2, label_mask=M2, **kw)
 
 
+def _schedule(step):
+    return temperature_schedule("linear", t_max=2.0, t_min=1.0, total_steps=4)(step)
+
+
 ERRORS = [
     (
         "ce batch",
@@ -1240,6 +1256,19 @@ ERRORS = [
         _w(teacher_logits=T2, student_features=[F2], teacher_features=[None], beta=1.0),
         "teacher_features must be an NHWC .*got None",
     ),
+    ("schedule step bool", lambda: _schedule(True), r"step must be .*got a bool"),
+    ("schedule step complex", lambda: _schedule(1j), r"step must be .*got a complex"),
+    ("schedule step too large", lambda: _schedule(10**400), r"step is too large"),
+    # Python ints beyond float64's range: float()'s OverflowError named no argument.
+    ("kd temp huge int", lambda: kd_kl(S2, T2, temperature=10**400), r"temperature must be .*inf"),
+    (
+        "schedule total huge int",
+        lambda: temperature_schedule("linear", t_max=2.0, t_min=1.0, total_steps=10**400),
+        "total_steps must be an integer",
+    ),
+    ("w alpha huge int", _w(alpha=10**400), r"alpha must be in \[0, 1\], got inf"),
+    ("ce smoothing huge int", lambda: cross_entropy(S2, Y2, label_smoothing=10**400), r"\[0, 1\)"),
+    ("map p huge int", lambda: attention_map(F2, p=10**400), "p must be"),
     (
         "schedule step None",
         lambda: temperature_schedule("linear", t_max=2.0, t_min=1.0, total_steps=4)(None),

@@ -105,16 +105,27 @@ def _check_array(name: str, x: Any, expected: str) -> None:
         return
     try:
         jnp.asarray(x)
+    except OverflowError:  # A Python int beyond int32: a number all the same.
+        return
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be {expected}, got {_describe(x)}.") from None
 
 
 def _concrete(x: Any) -> float | None:
-    """``float(x)`` when ``x`` is a concrete scalar, ``None`` when it is traced."""
+    """``float(x)`` when ``x`` is a concrete scalar (``+-inf`` for a Python int beyond float's
+    range, so that range checks name it), ``None`` when it is traced."""
     try:
         return float(x)
     except jax.errors.ConcretizationTypeError:
         return None
+    except OverflowError:
+        return math.inf if x > 0 else -math.inf
+
+
+def _is_real(dtype: Any) -> bool:
+    """An integer or floating-point dtype: not bool (True/False are not numbers here), not
+    complex."""
+    return jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
 
 
 def _float(x: jax.Array) -> jax.Array:
@@ -234,7 +245,7 @@ def _label_smoothing(value: Any) -> float:
     _check_static("label_smoothing", value)
     try:
         ls = None if isinstance(value, bool | str) else float(value)
-    except (TypeError, ValueError):  # None, a list, an array
+    except (TypeError, ValueError, OverflowError):  # None, a list, an array, an int > 1e308
         ls = None
     if ls is None or not 0.0 <= ls < 1.0:
         raise ValueError(
@@ -247,7 +258,7 @@ def _check_p(p: Any) -> None:
     _check_static("p", p)
     try:  # float() would also read True as 1 and "2" as 2.
         ok = not isinstance(p, bool | str) and float(p) >= 1 and math.isfinite(float(p))
-    except TypeError:  # None, a list, an array
+    except (TypeError, OverflowError):  # None, a list, an array, an int > 1e308
         ok = False
     if not ok:
         raise ValueError(
@@ -515,7 +526,7 @@ def _check_teacher_weights(weights: Any, num_teachers: int, name: str) -> jax.Ar
         )
     # Each element of a list: [1.0, True] is an array of floats.
     for dtype in map(jnp.result_type, weights if _is_seq(weights) else [weights]):
-        if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        if not _is_real(dtype):
             kind = "bool (True/False)" if dtype == jnp.bool_ else f"{dtype} number"
             raise ValueError(
                 f"{name} must be real numbers, got a {kind}: pass e.g. {name}=[1.0, 0.0] (a "
@@ -851,7 +862,9 @@ def temperature_schedule(kind: str, *, t_max: float, t_min: float, total_steps: 
       whenever they are concrete.
 
     Returns:
-      A function of an integer (Python or traced) step returning a float32 scalar.
+      A function of the step returning a float32 scalar. The step is an integer (a Python int
+      of any size, a NumPy or JAX integer, traced or not; not a bool) or a float, read in
+      float32 (beyond ``2**24``, rounded to float32's relative ``6e-8``).
 
     Raises:
       ValueError: for an unknown ``kind`` or invalid concrete values, eagerly (when building it).
@@ -876,7 +889,8 @@ def temperature_schedule(kind: str, *, t_max: float, t_min: float, total_steps: 
             "schedule anneals from t_max down to t_min)."
         )
     if isinstance(total_steps, bool) or (
-        steps_c is not None and (steps_c < 1 or steps_c != math.floor(steps_c))
+        steps_c is not None
+        and (steps_c < 1 or not math.isfinite(steps_c) or steps_c != math.floor(steps_c))
     ):
         raise ValueError(
             f"total_steps must be an integer >= 1, got {total_steps!r}: pass the number of "
@@ -885,7 +899,20 @@ def temperature_schedule(kind: str, *, t_max: float, t_min: float, total_steps: 
 
     def schedule(step: jax.typing.ArrayLike) -> jax.Array:
         _check_array("step", step, "a Python int or a scalar array")
-        return _temperature_at(kind, step, t_max, t_min, total_steps)
+        if not _is_real(jnp.result_type(step)):
+            raise ValueError(
+                f"step must be a number (the optimisation step, e.g. state.step), got a "
+                f"{jnp.result_type(step)}: {step!r}."
+            )
+        # Step and total_steps in float32 before the jitted core: as arguments of a jitted
+        # function, a Python int >= 2**31 raises OverflowError and a NumPy int64 wraps around.
+        try:
+            step = jnp.asarray(step, jnp.float32)
+        except OverflowError:  # A Python int beyond float64's range.
+            raise ValueError(
+                "step is too large (beyond float64's range): pass the optimisation step."
+            ) from None
+        return _temperature_at(kind, step, t_max, t_min, jnp.asarray(total_steps, jnp.float32))
 
     return schedule
 
