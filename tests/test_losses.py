@@ -1161,6 +1161,14 @@ ERRORS = [
     ("map p", lambda: attention_map(F2, p=0.5), "p must be"),
     ("map p bool", lambda: attention_map(F2, p=True), "p must be a Python number"),
     ("at p str", lambda: attention_transfer(F2, F2, p="2"), "p must be a Python number"),
+    # NumPy booleans, like Python ones, are not numbers (they used to be read as 0 / 1).
+    ("map p numpy bool", lambda: attention_map(F2, p=np.True_), "p must be a Python number"),
+    ("w p bool array", _w(p=np.array(True)), "p must be a Python number"),
+    (
+        "ce smoothing numpy bool",
+        lambda: cross_entropy(S2, Y2, label_smoothing=np.False_),
+        "label_smoothing must be a Python number",
+    ),
     ("at batch", lambda: attention_transfer(F2, np.zeros((3, 4, 4, 3))), "batch shape"),
     ("at rank", lambda: attention_transfer(F2, np.zeros((2, 16))), "NHWC"),
     ("at where", lambda: attention_transfer(F2, F2, where=np.ones(3, bool)), "where"),

@@ -122,6 +122,11 @@ def _concrete(x: Any) -> float | None:
         return math.inf if x > 0 else -math.inf
 
 
+def _is_bool(x: Any) -> bool:
+    """A Python bool, or a NumPy/JAX boolean scalar or array (``float()`` reads them as 0/1)."""
+    return isinstance(x, bool) or getattr(x, "dtype", None) == jnp.bool_
+
+
 def _is_real(dtype: Any) -> bool:
     """An integer or floating-point dtype: not bool (True/False are not numbers here), not
     complex."""
@@ -244,7 +249,7 @@ def _label_smoothing(value: Any) -> float:
     selects the compiled program, so it cannot be traced)."""
     _check_static("label_smoothing", value)
     try:
-        ls = None if isinstance(value, bool | str) else float(value)
+        ls = None if _is_bool(value) or isinstance(value, str) else float(value)
     except (TypeError, ValueError, OverflowError):  # None, a list, an array, an int > 1e308
         ls = None
     if ls is None or not 0.0 <= ls < 1.0:
@@ -257,7 +262,7 @@ def _label_smoothing(value: Any) -> float:
 def _check_p(p: Any) -> None:
     _check_static("p", p)
     try:  # float() would also read True as 1 and "2" as 2.
-        ok = not isinstance(p, bool | str) and float(p) >= 1 and math.isfinite(float(p))
+        ok = not (_is_bool(p) or isinstance(p, str)) and float(p) >= 1 and math.isfinite(float(p))
     except (TypeError, OverflowError):  # None, a list, an array, an int > 1e308
         ok = False
     if not ok:
