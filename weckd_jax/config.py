@@ -467,7 +467,14 @@ def validate(config, workdir: str | None = None, *, trains: bool = True) -> None
         f"distill.attention_weight={c.distill.attention_weight} must be >= 0 (0 turns it off)",
     )
     need(c.distill.attention_p > 0, f"distill.attention_p={c.distill.attention_p} must be > 0")
-    need(c.distill.t_min > 0, f"distill.t_min={c.distill.t_min} must be > 0")
+    low, high = losses.TEMPERATURE_RANGE  # the loss sees a traced temperature: checked here
+    for key in ("t_min", "t_max"):
+        value = c.distill[key]
+        need(
+            low <= value <= high,
+            f"distill.{key}={value} must be in [{low:g}, {high:g}] (a temperature; typical "
+            "values are 1 to 20)",
+        )
     need(
         c.distill.t_max >= c.distill.t_min,
         f"distill.t_max={c.distill.t_max} must be >= distill.t_min={c.distill.t_min} "
