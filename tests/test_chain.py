@@ -583,6 +583,20 @@ def test_a_damaged_in_training_checkpoint_is_named_with_the_fix_that_resumes(tmp
         chain.run(config, workdir, Progress(enabled=False), on_epoch=stop)
     assert checkpoints.TrainCheckpoints(workdir, "link_1").latest_step() == 2
     newest = os.path.join(checkpoints.train_dir(workdir, "link_1"), "2")
+    # The iterator state as a run on 2 processes writes it, cut short (e.g. by a full disk).
+    own = pathlib.Path(newest, "data_iter", "process_0-of-1.json")
+    state = own.read_bytes()
+    other = own.with_name("process_0-of-2.json")
+    other.write_bytes(state[: len(state) // 2])
+    own.unlink()
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        chain.run(config, workdir, Progress(enabled=False))
+    assert str(e.value).startswith(
+        f"the in-training checkpoint {newest} of link_1 cannot be read (JSONDecodeError: "
+    )
+    assert other.read_bytes() == state[: len(state) // 2]
+    other.unlink()
+    own.write_bytes(state)
     shutil.rmtree(os.path.join(newest, "arrays"))  # e.g. a copy of the workdir that stopped short
     with pytest.raises(checkpoints.CheckpointError) as e:
         chain.run(config, workdir, Progress(enabled=False))
@@ -599,6 +613,56 @@ def test_a_damaged_in_training_checkpoint_is_named_with_the_fix_that_resumes(tmp
     results = chain.run(config, workdir, Progress(stream=out))
     assert "link_1: resuming from step 1 of 4" in out.getvalue()
     assert [link["name"] for link in results["links"]] == ["link_1", "link_2"]
+
+
+@pytest.mark.parametrize(
+    ("damaged", "content", "problem", "fix"),
+    [
+        (
+            "config.json",
+            "cut",
+            "cannot be read as JSON",
+            "restore it from a backup, or use a new --workdir (the run cannot resume without "
+            "it: it records the config and data the run started with)",
+        ),
+        (
+            "data.json",
+            b"[]",
+            "holds a JSON array, not the JSON object weckd_jax wrote: it was edited",
+            "restore it from a backup, or use a new --workdir (the run cannot resume without "
+            "it: it records the config and data the run started with)",
+        ),
+        (
+            os.path.join("jobs", "link_2.json"),
+            "cut",
+            "cannot be read as JSON",
+            "restore it from a backup, or move it aside and rerun the same command, which "
+            "evaluates link_2 again from its final checkpoint and writes the record anew",
+        ),
+    ],
+    ids=["config", "data", "record"],
+)
+def test_a_damaged_file_of_a_run_is_named_with_the_fix_and_kept(
+    smoke_run, tmp_path, damaged, content, problem, fix
+):
+    # A rerun of a finished run whose file was cut short (a full disk, an interrupted copy) or
+    # edited. Its JSON files are enough to reach each check: config.json is read before the data
+    # is loaded, data.json and the finished links' records after.
+    _, workdir, _ = smoke_run
+    for name in ("config.json", "data.json"):
+        shutil.copy(os.path.join(workdir, name), tmp_path)
+    shutil.copytree(os.path.join(workdir, "jobs"), tmp_path / "jobs")
+    path = tmp_path / damaged
+    if content == "cut":
+        content = path.read_bytes()[:100]
+    path.write_bytes(content)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    smoke = os.path.join(REPO, "configs", "smoke.py")
+    out = run_python("-m", "weckd_jax.launch", "--config", smoke, f"--workdir={tmp_path}")
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.startswith(f"error: {path} {problem}"), out.stderr
+    assert out.stderr.endswith(f"; {fix}\n") and out.stderr.count("\n") == 1, out.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_a_baseline_switched_on_in_a_finished_run_trains_alone(

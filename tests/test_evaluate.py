@@ -203,6 +203,51 @@ def test_a_mistyped_override_is_named_with_its_close_match(smoke_run, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+# The fix for a damaged config.json or data.json of the run.
+_LOST_RECORD = (
+    "restore it from a backup, or move it aside to evaluate the run as one that predates it "
+    "(whether the evaluated images overlap its training images is then unknown)"
+)
+
+
+@pytest.mark.parametrize(
+    ("damaged", "fix"),
+    [
+        (
+            "results.json",
+            "restore it from a backup, or move it aside and rerun the launch command that made "
+            "the run (e.g. --config configs/from_run.py:{run} --workdir {run}), which writes it "
+            "anew from the finished links' records",
+        ),
+        ("config.json", _LOST_RECORD),
+        ("data.json", _LOST_RECORD),  # read once the data is loaded
+        (
+            os.path.join("evaluations", "site-test.json"),
+            "pass --name NAME to keep it and write this evaluation beside it, or move it aside",
+        ),
+    ],
+    ids=["results", "config", "data", "evaluation"],
+)
+def test_a_damaged_file_of_the_run_is_named_with_the_fix_and_kept(
+    smoke_run, tmp_path, capsys, damaged, fix
+):
+    # Cut short, e.g. by a full disk or an interrupted copy of the run's folder.
+    _, workdir, _ = smoke_run
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("evaluations"))
+    path = run / damaged
+    path.parent.mkdir(exist_ok=True)
+    text = (run / "results.json").read_text()[:100]
+    path.write_text(text)
+    smoke = os.path.join(REPO, "configs", "smoke.py")
+    argv = ["evaluate", "--workdir", str(run), "--config", smoke, "--name=site"]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} cannot be read as JSON ("), err
+    assert err.endswith(f"; {fix.format(run=run)}\n") and err.count("\n") == 1, err
+    assert path.read_text() == text
+
+
 @pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])
 def test_help_prints_the_usage(flag, capsys):
     assert evaluate.main(["evaluate", flag]) == 0

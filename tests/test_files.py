@@ -148,3 +148,33 @@ def test_exclusive_folder_keeps_a_second_holder_out_and_removes_an_empty_folder_
     with files.exclusive_folder(str(tmp_path / "unused")):
         pass
     assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_load_json_names_a_damaged_file_with_the_fix_and_keeps_it(tmp_path):
+    class Refused(Exception):
+        pass
+
+    path = tmp_path / "config.json"
+    assert files.load_json(str(path), Refused, "FIX") is None  # no file: nothing to say
+    path.write_text('{"seed": 0}')
+    assert files.load_json(str(path), Refused, "FIX") == {"seed": 0}
+    cases = {
+        b'{"seed": 0, "da': "cannot be read as JSON (Unterminated string starting at: line 1 "
+        "column 13 (char 12)): it was cut short (e.g. by a full disk or an interrupted copy) or "
+        "edited",
+        b"": "cannot be read as JSON (Expecting value: line 1 column 1 (char 0)): it was cut "
+        "short (e.g. by a full disk or an interrupted copy) or edited",
+        b"[1, 2]": "holds a JSON array, not the JSON object weckd_jax wrote: it was edited",
+        b"null": "holds JSON null, not the JSON object weckd_jax wrote: it was edited",
+    }
+    for content, problem in cases.items():
+        path.write_bytes(content)
+        with pytest.raises(Refused) as e:
+            files.load_json(str(path), Refused, "FIX")
+        assert str(e.value) == f"{path} {problem}; FIX"
+        assert path.read_bytes() == content
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(Refused) as e:
+        files.load_json(str(path), Refused, "FIX")
+    assert str(e.value) == f"{path} cannot be read (Is a directory); FIX"

@@ -194,14 +194,15 @@ def test_each_mistake_is_named_in_one_line(tmp_path):
         (
             f"{FROM_RUN}:{tmp_path / 'broken'}",
             f"{tmp_path / 'broken' / 'config.json'} cannot be read as JSON (Expecting "
-            "property name enclosed in double quotes: line 1 column 12 (char 11)); restore it "
-            "from a backup, or give the config file and overrides that started the run",
+            "property name enclosed in double quotes: line 1 column 12 (char 11)): it was cut "
+            "short (e.g. by a full disk or an interrupted copy) or edited; restore it from a "
+            "backup, or give the config file and overrides that started the run",
         ),
         (
             f"{FROM_RUN}:{tmp_path / 'a_list'}",
-            f"{tmp_path / 'a_list' / 'config.json'} holds a JSON list, not a config (an object "
-            "of sections and keys); restore it, or give the config file and overrides that "
-            "started the run",
+            f"{tmp_path / 'a_list' / 'config.json'} holds a JSON array, not the JSON object "
+            "weckd_jax wrote: it was edited; restore it from a backup, or give the config file "
+            "and overrides that started the run",
         ),
     ]
     for arg, message in cases:

@@ -502,6 +502,18 @@ def test_a_search_in_a_folder_of_images_is_refused(tmp_path):
     assert sorted(os.listdir(images)) == ["normal"]
 
 
+def test_a_damaged_search_config_is_named_with_the_fix_and_kept(tmp_path):
+    text = json.dumps(config_lib.as_json(search_config()))[:100]  # cut short, e.g. a full disk
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(config_lib.ConfigError) as error:
+        tune.check_study_dir(search_config(), str(tmp_path))
+    assert str(error.value).startswith(f"{tmp_path / 'config.json'} cannot be read as JSON (")
+    assert str(error.value).endswith(
+        "; restore it from a backup, or use a new --workdir for the search"
+    )
+    assert (tmp_path / "config.json").read_text() == text
+
+
 def test_a_changed_search_config_is_refused_with_the_overrides_that_restore_it(tmp_path):
     config = search_config()
     saved = config_lib.as_json(config)

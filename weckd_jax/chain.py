@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
 import time
@@ -740,6 +739,14 @@ def _write_config(path: str, config) -> None:
         files.write_json(path, updated)
 
 
+# The fix for a damaged config.json or data.json of a run or an experiment (weckd_jax never
+# rewrites it: a resumed run is checked against it).
+_LOST_RECORD = (
+    "restore it from a backup, or use a new --workdir (the run cannot resume without it: it "
+    "records the config and data the run started with)"
+)
+
+
 def check_workdir(config, workdir: str) -> list[str]:
     """Refuses a workdir that holds a run with another config (``config.json``; switching a
     baseline on is allowed, see `config.added_baselines`, and so is switching one off that has
@@ -773,8 +780,7 @@ def check_workdir(config, workdir: str) -> list[str]:
                 "images. Choose a new --workdir (data.root names the images to train on)"
             )
         return []
-    with open(path) as f:
-        saved = config_lib.with_added_keys(json.load(f))
+    saved = config_lib.with_added_keys(files.load_json(path, config_lib.ConfigError, _LOST_RECORD))
     now = config_lib.as_json(config)
     idle = _idle_baselines(saved, config)
     dropped, finished = _unfinished_drops(saved, now, workdir)
@@ -822,9 +828,8 @@ def bind_workdir(config, workdir: str, data: ImageSet, splits: Splits, writer: b
     record = data_record(data, splits)
     path = os.path.join(workdir, "data.json")
     warning = None
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+    saved = files.load_json(path, DataError, _LOST_RECORD)
+    if saved is not None:
         if saved.get("examples", record["examples"]) != record["examples"]:
             raise DataError(
                 f"{workdir} holds a run on other data: {_what_differs(saved, record)}. Resuming "
@@ -969,9 +974,12 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
     reloaded_all = True
     for job in jobs:
         record_path = _record_path(workdir, job.name)
-        if os.path.exists(record_path):
-            with open(record_path) as f:
-                records[job.name] = json.load(f)
+        fix = (
+            "restore it from a backup, or move it aside and rerun the same command, which "
+            f"evaluates {job.name} again from its final checkpoint and writes the record anew"
+        )
+        if (record := files.load_json(record_path, checkpoints.CheckpointError, fix)) is not None:
+            records[job.name] = record
             progress.print(f"{job.name}: finished earlier, results reloaded")
             continue
         reloaded_all = False

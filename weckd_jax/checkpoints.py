@@ -202,14 +202,14 @@ class TrainCheckpoints:
         flat = jax.ShapeDtypeStruct(template.shape, template.dtype, sharding=template.sharding)
         folder = os.path.join(self._directory, str(step))
         items = {"arrays": ocp.args.StandardRestore({"flat": flat}), "meta": ocp.args.JsonRestore()}
-        iterator_state = _iterator_state_of_other_processes(os.path.join(folder, "data_iter"))
-        if iterator_state is None:
-            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
+            iterator_state = _iterator_state_of_other_processes(os.path.join(folder, "data_iter"))
+            if iterator_state is None:
+                items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
             if iterator_state is not None:
                 data_iter.set_state(iterator_state)
-        except Exception as e:  # orbax raises KeyError, FileNotFoundError, ValueError, ...
+        except Exception as e:  # orbax: KeyError, FileNotFoundError, ValueError, ...; json too
             raise CheckpointError(
                 f"the in-training checkpoint {folder} of {self._name} cannot be read "
                 f"({_reason(e)}): it was damaged or partly deleted. Fix: delete that folder and "

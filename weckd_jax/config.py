@@ -21,7 +21,7 @@ import traceback
 import ml_collections
 
 from weckd_jax import data as data_lib
-from weckd_jax import losses, models, parallel, workdirs
+from weckd_jax import files, losses, models, parallel, workdirs
 from weckd_jax.data import synthetic
 
 
@@ -684,19 +684,11 @@ def from_run(folder: str) -> ml_collections.ConfigDict:
                 f"passed their checks (config.json is written then); {fix}"
             )
         raise ConfigError(f"{folder} holds no config.json: {why}")
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(
-            f"{path} cannot be read as JSON ({' '.join(str(e).split())}); restore it from a "
-            "backup, or give the config file and overrides that started the run"
-        ) from None
-    if not isinstance(record, dict):
-        raise ConfigError(
-            f"{path} holds a JSON {type(record).__name__}, not a config (an object of sections "
-            "and keys); restore it, or give the config file and overrides that started the run"
-        )
+    record = files.load_json(
+        path,
+        ConfigError,
+        "restore it from a backup, or give the config file and overrides that started the run",
+    )
     other_version = "it was written by another version of weckd_jax; use that version"
     config = base_config()
     saved, defaults = dict(_leaves(with_added_keys(record))), dict(_leaves(config))

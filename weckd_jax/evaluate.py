@@ -62,6 +62,14 @@ class EvaluateError(Exception):
     """A user error: the message names the problem and the fix (exit status 2)."""
 
 
+# The fix for a run's damaged config.json or data.json: evaluate can do without them, as for a
+# run that predates them.
+_LOST_RECORD = (
+    "restore it from a backup, or move it aside to evaluate the run as one that predates it "
+    "(whether the evaluated images overlap its training images is then unknown)"
+)
+
+
 def _load_run(workdir: str) -> dict:
 
     try:
@@ -136,7 +144,7 @@ def _overlap(
     run's is not detected.
     """
     unknown = {"same_data_as_run": None, "in_run_train_pool": None, "in_run_val": None}
-    saved = files.read_json(os.path.join(workdir, "data.json"))
+    saved = files.load_json(os.path.join(workdir, "data.json"), EvaluateError, _LOST_RECORD)
     if saved is None or run_config is None or "examples" not in saved:
         return unknown, (
             "this run keeps no record of its data (config.json or data.json is missing: it "
@@ -198,7 +206,8 @@ def _refuse_overwrite(
     since); with ``examples=None`` (the data not loaded yet) only the config is compared. For
     ``all``, the `_split_keys` may differ: every image is evaluated whatever the splits; and the
     ``baselines.*`` keys may differ for any split."""
-    existing = files.read_json(path)
+    fix = "pass --name NAME to keep it and write this evaluation beside it, or move it aside"
+    existing = files.load_json(path, EvaluateError, fix)
     if existing is None:
         return
     saved = config_lib.with_added_keys(existing.get("config", {}))
@@ -289,7 +298,7 @@ def evaluate_workdir(
     trained_names = list(trained["class_names"])
     size, channels = int(trained["image_size"]), int(trained["channels"])
 
-    run_config = files.read_json(os.path.join(workdir, "config.json"))
+    run_config = files.load_json(os.path.join(workdir, "config.json"), EvaluateError, _LOST_RECORD)
     config = config.copy_and_resolve_references()
     with config.unlocked():
         if run_config is not None:

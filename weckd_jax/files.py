@@ -107,6 +107,48 @@ def read_json(path: str):
         return None
 
 
+def load_json(path: str, error: type[Exception], fix: str) -> dict | None:
+    """The JSON object in ``path``, a file weckd_jax wrote (a run's ``config.json``, a finished
+    link's record, ...), or None when there is no file. Unlike `read_json`, a damaged file is an
+    error, never taken for a missing one (which could have it overwritten).
+
+    Raises:
+      error: ``path`` cannot be read, holds no JSON (e.g. cut short by a full disk or an
+        interrupted copy) or a JSON value that is no object (e.g. edited by hand); the one-line
+        message names the file and the problem, then ``fix`` (which should keep the file).
+    """
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        problem = f"cannot be read ({e.strerror or e})"
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        problem = (
+            f"cannot be read as JSON ({' '.join(str(e).split())}): it was cut short (e.g. by a "
+            "full disk or an interrupted copy) or edited"
+        )
+    else:
+        if isinstance(value, dict):
+            return value
+        problem = (
+            f"holds {_JSON_KINDS[type(value)]}, not the JSON object weckd_jax wrote: it was edited"
+        )
+    raise error(f"{path} {problem}; {fix}")
+
+
+# What each value `json.load` gives besides a dict is, in JSON's words.
+_JSON_KINDS = {
+    list: "a JSON array",
+    str: "a JSON string",
+    int: "a JSON number",
+    float: "a JSON number",
+    bool: "JSON true or false",
+    type(None): "JSON null",
+}
+
+
 def nearest_existing(path: str) -> str:
     """The absolute ``path``, or its nearest ancestor that exists (a broken link counts)."""
     folder = os.path.abspath(path)

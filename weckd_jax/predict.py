@@ -125,14 +125,15 @@ def load_results(workdir: str) -> dict:
             f"{workdir} has no results.json: it is not a finished weckd_jax run. Point --workdir "
             "at the folder `python -m weckd_jax.launch --workdir DIR` wrote, after it finished."
         )
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except (OSError, ValueError) as e:
-        raise PredictError(f"{path} cannot be read as JSON ({e})") from None
-    data = results.get("data", {}) if isinstance(results, dict) else {}
+    fix = (
+        "restore it from a backup, or move it aside and rerun the launch command that made the "
+        f"run (e.g. --config configs/from_run.py:{workdir} --workdir {workdir}), which writes it "
+        "anew from the finished links' records"
+    )
+    results = files.load_json(path, PredictError, fix)
+    data = results.get("data", {})
     missing = [k for k in ("class_names", "image_size", "channels") if k not in data]
-    if not isinstance(results, dict) or "links" not in results or missing:
+    if "links" not in results or missing:
         raise PredictError(f"{path} is not a weckd_jax results file (no links or data entries)")
     return results
 

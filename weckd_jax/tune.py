@@ -277,9 +277,9 @@ def check_study_dir(config, workdir: str) -> None:
             "--workdir (data.root names the images to search on)"
         )
     current = config_lib.as_json(config)
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = config_lib.with_added_keys(json.load(f))
+    fix = "restore it from a backup, or use a new --workdir for the search"
+    if (saved := files.load_json(path, ConfigError, fix)) is not None:
+        saved = config_lib.with_added_keys(saved)
         keys = config_lib.differing_keys(saved, current)
         # The search's own keys always count, even if `differing_keys` ever treats them as
         # harmless.
