@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from weckd_jax import figures, metrics, report, report_md, seeds
+from weckd_jax.metrics_log import MetricsLog
 from weckd_jax.progress import Progress
 from weckd_jax.tensorboard import TensorBoardWriter
 
@@ -470,7 +471,7 @@ def test_tensorboard_from_a_real_metrics_file_and_rewrite(smoke_run, tmp_path):
     writer.flush()
     scalars = read_scalars(logdir)
     assert scalars["link_1/loss"][-1] == (999, 9.0)
-    assert writer.rewrite_from(metrics_path) == len(records)
+    writer.rewrite(records)
     writer.close()
     scalars = read_scalars(logdir)
     expected_tags = {
@@ -485,3 +486,40 @@ def test_tensorboard_from_a_real_metrics_file_and_rewrite(smoke_run, tmp_path):
             tag = f"{record['run']}/{key}"
             assert (record["step"], pytest.approx(record[key], rel=1e-6)) in scalars[tag]
     assert all(step != 999 for step, _ in scalars["link_1/loss"])
+
+
+def test_a_metrics_log_cut_short_is_ended_and_its_damaged_lines_are_kept(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [{"run": "link_1", "epoch": e, "step": 4 * e, "loss": 1.0 / e} for e in (1, 2, 3)]
+    lines = [json.dumps(r) + "\n" for r in records]
+    said = []
+    # A write cut short (a full disk, an interrupted copy of the run's folder): the next record
+    # would be appended to the piece it left, which is dropped, with a warning.
+    path.write_text(lines[0] + lines[1][:20])
+    log = MetricsLog(str(tmp_path), said.append)
+    assert path.read_text() == lines[0]
+    assert said == [
+        f"warning: the last line of {path} was the piece of a record whose write was cut short "
+        "(a full disk, or an interrupted copy of the run's folder): dropped (20 bytes)"
+    ]
+    log.write(records[1])
+    log.close()
+    assert path.read_text() == lines[0] + lines[1]
+    # A whole record without its newline only gets one.
+    said.clear()
+    path.write_text(lines[0] + lines[1].rstrip("\n"))
+    MetricsLog(str(tmp_path), said.append).close()
+    assert (path.read_text(), said) == (lines[0] + lines[1], [])
+    # A line edited by hand (or damaged) is kept as it is, and left out of TensorBoard, when a
+    # resumed job drops its records past its checkpoint.
+    path.write_text(lines[0] + "not a record\n" + lines[1] + "[2]\n" + lines[2])
+    log = MetricsLog(str(tmp_path), said.append)
+    log.drop_after("link_1", 4)
+    log.close()
+    assert path.read_text() == lines[0] + "not a record\n" + "[2]\n"
+    assert said == [
+        f"warning: {path} holds no metrics record on line(s) 2, 3 (damaged or edited): kept as "
+        "they are, and left out of TensorBoard; restore them from a backup, or delete them, to "
+        "silence this"
+    ]
+    assert read_scalars(str(tmp_path / "tensorboard")) == {"link_1/loss": [(4, 1.0)]}

@@ -970,7 +970,7 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
     eval_kw = {"batch_size": config.train.eval_batch_size, "mesh": mesh, "timer": timer}
 
     records, test_probs = {}, {}
-    metrics_log = MetricsLog(workdir, enabled=writer)
+    metrics_log = MetricsLog(workdir, progress.print, enabled=writer)
     reloaded_all = True
     for job in jobs:
         record_path = _record_path(workdir, job.name)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import glob
 import itertools
-import json
 import math
 import numbers
 import os
@@ -76,24 +75,18 @@ class TensorBoardWriter:
         self._events().write_event(event)
         self._writer.flush()
 
-    def rewrite_from(self, metrics_path: str) -> int:
-        """Replaces this logdir's event files with the records in ``metrics_path``.
+    def rewrite(self, records: list[dict]) -> None:
+        """Replaces this logdir's event files with ``records`` (those of ``metrics.jsonl``).
 
         After a resumed job has dropped its ``metrics.jsonl`` lines past its last checkpoint, the
         old event files still hold those steps, and TensorBoard would draw them twice; this
-        makes the logs equal to ``metrics.jsonl`` again. Returns the number of records written.
+        makes the logs equal to ``metrics.jsonl`` again.
         """
         self.close()
         for path in glob.glob(os.path.join(self.logdir, EVENT_GLOB)):
             os.remove(path)
-        count = 0
-        if os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                for line in f:
-                    if line.strip():
-                        self.write(json.loads(line))
-                        count += 1
-        return count
+        for record in records:
+            self.write(record)
 
     def flush(self) -> None:
         if self._writer is not None:
