@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from tests.conftest import REPO, run_python
-from weckd_jax import chain, checkpoints, parallel
+from weckd_jax import chain, checkpoints, distributed, parallel
 
 SMOKE = os.path.join(REPO, "configs", "smoke.py")
 
@@ -257,6 +257,45 @@ def test_after_ctrl_c_process_0_exits_after_the_others():
     assert exited == [1, 0], errs
     assert [p.returncode for p in procs] == [130, 130], errs
     assert errs == ["interrupted: kept\n", ""]
+
+
+UNANSWERED_LEAVE_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    import jax
+    from weckd_jax import cli, distributed
+
+    port, i = sys.argv[1], int(sys.argv[2])
+    assert distributed.initialize(f"127.0.0.1:{port}", 2, i)
+    assert len(jax.devices()) == 2
+    client = distributed._jax_state().client
+    if i == 0:
+        client.key_value_set("pid", str(os.getpid()))
+        time.sleep(600)
+    pid = int(client.blocking_key_value_get("pid", 60_000))
+    os.kill(pid, signal.SIGSTOP)  # process 0 no longer answers, as on a lost or frozen host
+    while open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+        time.sleep(0.01)
+    print("LEAVING", time.monotonic(), flush=True)
+    cli.interrupted("kept")
+    """
+)
+
+
+def test_after_ctrl_c_a_process_leaves_promptly_when_process_0_no_longer_answers():
+    # Telling process 0 "leaving" blocked until JAX's heartbeat timeout (100 s), which then
+    # aborted the process with a fatal error instead of the exit status 130.
+    procs = _two_processes(UNANSWERED_LEAVE_SCRIPT)
+    try:
+        out, err = procs[1].communicate(timeout=90)
+        ended = time.monotonic()
+    finally:
+        for p in procs:
+            p.kill()  # process 0, stopped
+    assert procs[1].returncode == 130, err[-3000:]
+    assert err == ""
+    (leaving,) = re.findall(r"^LEAVING (\S+)$", out, re.M)
+    assert ended - float(leaving) < distributed._TELLING_S + 5  # not JAX's 100 s
 
 
 SLURM_SCRIPT = textwrap.dedent(

@@ -8,7 +8,9 @@ reports (checkpoints are written collectively by orbax).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 
 import jax
@@ -72,6 +74,14 @@ def initialize(
     return True
 
 
+def _jax_state():
+    """JAX's record of this process's place in the run (``process_id``, ``num_processes``) and
+    its coordination ``client``: no public API has them."""
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state
+
+
 def is_process_zero() -> bool:
     """Whether this process speaks for the run (prints, writes reports): process 0 of a joined
     multi-process run, or a process that joined none (no JAX backend is started to find out)."""
@@ -90,6 +100,9 @@ def process_zero_text(text: str) -> str:
 
 # How long process 0 stays after the last other process said it is leaving (see `leave`).
 _LEAVING_GRACE_S = 0.5
+# How long another process waits for its word to process 0 to go through (see `leave`): a
+# service that answers takes milliseconds.
+_TELLING_S = 2.0
 
 
 def leave(timeout_s: float = 10.0) -> None:
@@ -98,20 +111,19 @@ def leave(timeout_s: float = 10.0) -> None:
     waits for all of them (at most ``timeout_s``). Process 0 hosts JAX's coordination service;
     a process still running once it is gone is terminated with a fatal "the leader task died"
     error on its stderr. Nothing to do in a single process; a process that never says it is
-    leaving (stuck, or gone already) costs at most ``timeout_s``, and process 0 leaves
-    `_LEAVING_GRACE_S` after the last one said so."""
+    leaving (stuck, or gone already) costs process 0 at most ``timeout_s``, and process 0 leaves
+    `_LEAVING_GRACE_S` after the last one said so. Another process waits at most `_TELLING_S`
+    for its word to go through (`_tell_leaving`)."""
     if not jax.distributed.is_initialized():
         return
-    from jax._src import distributed as jax_distributed  # the coordination client: no public API
-
-    state = jax_distributed.global_state
+    state = _jax_state()
     client = getattr(state, "client", None)
     if client is None:
         return
+    if state.process_id != 0:
+        _tell_leaving(client, f"weckd_jax/leaving/{state.process_id}")
+        return
     try:
-        if state.process_id != 0:
-            client.key_value_set(f"weckd_jax/leaving/{state.process_id}", "1")
-            return
         deadline = time.monotonic() + timeout_s
         for other in range(1, state.num_processes):
             left_ms = int((deadline - time.monotonic()) * 1000)
@@ -121,3 +133,19 @@ def leave(timeout_s: float = 10.0) -> None:
     # A process that has said it is leaving exits at once, but its threads watch the service
     # until it is gone: give them that moment (seen: a fatal error in about 1 Ctrl-C in 15).
     time.sleep(_LEAVING_GRACE_S)
+
+
+def _tell_leaving(client, key: str) -> None:
+    """Sets ``key`` in the coordination service through ``client``, waiting at most
+    `_TELLING_S`. Once process 0's host no longer answers (lost, frozen, cut off) the call
+    blocks until JAX's heartbeat timeout (100 s), which then aborts this process with a fatal
+    error instead of its exit status; it is left running in its thread, which the exit ends."""
+
+    def tell() -> None:
+        # Raises once process 0 is gone, which then waits for nobody: nothing left to tell.
+        with contextlib.suppress(Exception):
+            client.key_value_set(key, "1")
+
+    thread = threading.Thread(target=tell, name="weckd_jax leaving", daemon=True)
+    thread.start()
+    thread.join(_TELLING_S)
