@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from tests.conftest import REPO, run_python
+from tests.conftest import REPO, run_python, signal_when
 from weckd_jax import chain, checkpoints, distributed, parallel
 
 SMOKE = os.path.join(REPO, "configs", "smoke.py")
@@ -296,6 +296,65 @@ def test_after_ctrl_c_a_process_leaves_promptly_when_process_0_no_longer_answers
     assert err == ""
     (leaving,) = re.findall(r"^LEAVING (\S+)$", out, re.M)
     assert ended - float(leaving) < distributed._TELLING_S + 5  # not JAX's 100 s
+
+
+def _launch_alone(workdir, port: int, process_id: int) -> list[str]:
+    """The arguments of process ``process_id`` of a 2-process launch of the smoke config that
+    joins the coordinator on localhost ``port``."""
+    return [
+        "-m", "weckd_jax.launch", "--config", SMOKE, f"--workdir={workdir}",
+        f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={process_id}",
+    ]  # fmt: skip
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_ctrl_c_while_process_0_waits_for_the_others_exits_with_one_line(tmp_path):
+    # Only process 0 of 2 started: JAX waits for process 1 in one call during which Python runs
+    # no signal handler, so a Ctrl-C did nothing for 5 minutes, then JAX aborted with a fatal
+    # error and stack traces (status 134).
+    workdir, port = tmp_path / "w", _free_port()
+    returncode, err = signal_when(
+        _launch_alone(workdir, port, 0),
+        lambda: _accepts(port),  # its coordination service is up: it waits for process 1
+        signal.SIGINT,
+        "process 0 waited for process 1",
+    )
+    assert returncode == 130, err[-3000:]
+    assert err == (
+        "interrupted: nothing was written; this process was still waiting for the run's other "
+        "processes to join\n"
+    )
+    assert not workdir.exists()
+
+
+def test_ctrl_c_while_another_process_waits_for_process_0_exits_silently(tmp_path):
+    # As every process of a run gets the Ctrl-C, only process 0 says so.
+    workdir = tmp_path / "w"
+    with socket.socket() as coordinator:  # stands in for process 0, which never answers
+        coordinator.bind(("127.0.0.1", 0))
+        coordinator.listen()
+        coordinator.settimeout(240)
+        port = coordinator.getsockname()[1]
+        accepted = []
+
+        def joining() -> bool:  # process 1 has connected: it waits for process 0 to answer
+            accepted.append(coordinator.accept()[0])
+            return True
+
+        returncode, err = signal_when(
+            _launch_alone(workdir, port, 1), joining, signal.SIGINT, "process 1 connected"
+        )
+        for connection in accepted:
+            connection.close()
+    assert (returncode, err) == (130, "")
+    assert not workdir.exists()
 
 
 SLURM_SCRIPT = textwrap.dedent(

@@ -58,9 +58,7 @@ def initialize(
     # CPU hosts need a collectives backend for cross-process all-reduces; GPUs and TPUs ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
-        jax.distributed.initialize(
-            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
-        )
+        _join(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     except ValueError as e:
         if coordinator is not None or not multihost:
             raise
@@ -74,6 +72,43 @@ def initialize(
     return True
 
 
+# Set when a Ctrl-C ended `initialize`'s wait for the other processes: JAX counts itself
+# initialized from then on, but no backend can start and the others depend on this process for
+# nothing (`is_process_zero`, `leave`).
+_JOIN_INTERRUPTED = threading.Event()
+
+
+def _join(**kwargs) -> None:
+    """`jax.distributed.initialize` (``kwargs``), in a thread of its own that this (main) thread
+    waits for, so that a Ctrl-C ends the wait for the other processes: JAX waits for every
+    process inside one call during which Python runs no signal handler, so a Ctrl-C did nothing
+    until its timeout (5 minutes), which then aborted the process with a fatal error.
+
+    Raises what `jax.distributed.initialize` raises, or KeyboardInterrupt (the call is left
+    running; the process is to exit, `weckd_jax.cli.interrupted`).
+    """
+    failed = []
+
+    def call() -> None:
+        try:
+            jax.distributed.initialize(**kwargs)
+        except Exception as e:  # raised again in the main thread, which reports it
+            failed.append(e)
+
+    thread = threading.Thread(target=call, name="jax.distributed.initialize", daemon=True)
+    try:
+        thread.start()  # a Ctrl-C may land here too: the call runs before `start` returns
+        # In steps: a Ctrl-C that Linux hands to another thread (its handler always runs in the
+        # main thread) does not wake a join without a timeout.
+        while thread.is_alive():
+            thread.join(0.1)
+    except KeyboardInterrupt:
+        _JOIN_INTERRUPTED.set()
+        raise
+    if failed:
+        raise failed[0]
+
+
 def _jax_state():
     """JAX's record of this process's place in the run (``process_id``, ``num_processes``) and
     its coordination ``client``: no public API has them."""
@@ -84,8 +119,14 @@ def _jax_state():
 
 def is_process_zero() -> bool:
     """Whether this process speaks for the run (prints, writes reports): process 0 of a joined
-    multi-process run, or a process that joined none (no JAX backend is started to find out)."""
-    return not jax.distributed.is_initialized() or jax.process_index() == 0
+    multi-process run, or a process that joined none (no JAX backend is started to find out).
+    A process whose wait for the others was interrupted is process 0 by the id it was given (its
+    backend would wait for the others to start)."""
+    if not jax.distributed.is_initialized():
+        return True
+    if _JOIN_INTERRUPTED.is_set():
+        return _jax_state().process_id == 0
+    return jax.process_index() == 0
 
 
 def process_zero_text(text: str) -> str:
@@ -110,11 +151,11 @@ def leave(timeout_s: float = 10.0) -> None:
     (``os._exit`` after Ctrl-C): each other process tells process 0 it is leaving, and process 0
     waits for all of them (at most ``timeout_s``). Process 0 hosts JAX's coordination service;
     a process still running once it is gone is terminated with a fatal "the leader task died"
-    error on its stderr. Nothing to do in a single process; a process that never says it is
-    leaving (stuck, or gone already) costs process 0 at most ``timeout_s``, and process 0 leaves
-    `_LEAVING_GRACE_S` after the last one said so. Another process waits at most `_TELLING_S`
-    for its word to go through (`_tell_leaving`)."""
-    if not jax.distributed.is_initialized():
+    error on its stderr. Nothing to do in a single process or one still waiting for the others
+    to join; a process that never says it is leaving (stuck, or gone already) costs process 0 at
+    most ``timeout_s``, and process 0 leaves `_LEAVING_GRACE_S` after the last one said so.
+    Another process waits at most `_TELLING_S` for its word to go through (`_tell_leaving`)."""
+    if not jax.distributed.is_initialized() or _JOIN_INTERRUPTED.is_set():
         return
     state = _jax_state()
     client = getattr(state, "client", None)

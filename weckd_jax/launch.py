@@ -73,6 +73,11 @@ def main(argv: list[str]) -> None:
         )
     except ValueError as e:
         cli.fail(str(e))
+    except KeyboardInterrupt:
+        cli.interrupted(
+            "nothing was written; this process was still waiting for the run's other processes "
+            "to join"
+        )
     workdir = _WORKDIR.value or default_workdir(
         config_flags.get_config_filename(flags.FLAGS["config"])
     )
