@@ -380,6 +380,23 @@ def test_kd_kl_value_and_gradient_are_accurate_at_any_temperature(temp):
     np.testing.assert_allclose(_KD_GRAD(s, t, temp)[0], grad, rtol=2e-6, atol=atol)
 
 
+@pytest.mark.parametrize("temp", [1.0, 20.0, 1e3, 1e8])
+def test_kd_kl_is_as_accurate_with_a_class_both_rule_out(temp):
+    # A class ruled out by the student and the teacher alike (logit -inf in both) adds nothing:
+    # the loss is that of the other classes, to the same precision. Its difference, -inf - -inf,
+    # was NaN, which sent the row to the textbook form: nearly equal rows were off by 90% at
+    # T = 20 and by 3000% at T = 100.
+    t = _logits(2)
+    s = _logits(1)
+    s[:2] = t[:2] + 1e-3 * _logits(3)[:2]
+    value, grad = _exact_kd(s[:, 1:], t[:, 1:], temp)
+    s[:, 0] = t[:, 0] = -np.inf
+    np.testing.assert_allclose(_KD(s, t, temp), value, rtol=2e-6, atol=1e-30)
+    got = _KD_GRAD(s, t, temp)[0]
+    np.testing.assert_array_equal(got[:, 0], 0.0)
+    np.testing.assert_allclose(got[:, 1:], grad, rtol=2e-6, atol=1e-6 * np.abs(grad).max())
+
+
 def test_kd_kl_multi_is_weighted_sum():
     s, t1, t2, t3 = (_logits(i) for i in range(4))
     w = np.array([1.0, 2.0, 5.0])

@@ -463,8 +463,10 @@ def _kd_kl_core(
     # form is used: it has none of the cancellation of two log-softmaxes, whose float32 rounding
     # T^2 would multiply. With f(y) = y^2 g(y), x = T^2 u = sum_k p_t,k c_k^2 g(c_k / T) never
     # forms T^2 or y^2, which under/overflow at extreme temperatures. A class the teacher rules
-    # out has c = inf: such rows take the far form below.
-    d = s - t
+    # out has c = inf (the student gives it mass): such rows take the far form below, unless the
+    # student rules it out too: then it adds to neither log-sum-exp, and d = 0 stands for the
+    # NaN of -inf - -inf.
+    d = jnp.where(taught | (s != t), s - t, zero)
     c = d - jnp.sum(jnp.where(taught, p_t * d, zero), axis=-1, keepdims=True)
     near = temp >= jax.lax.stop_gradient(jnp.max(jnp.abs(c), axis=-1))  # False for NaN or inf.
     c_near = jnp.where(near[..., None], c, zero)  # Zero where unused: finite in gradients.
