@@ -344,7 +344,8 @@ def test_kd_kl_classes_the_teacher_rules_out_add_nothing():
 def _exact_kd(s: np.ndarray, t: np.ndarray, temp: float) -> tuple[np.ndarray, np.ndarray]:
     """kd_kl and its gradient in ``s``, ``T (softmax(s/T) - softmax(t/T))``, by the textbook
     formulas in 120-digit decimal arithmetic: exact to float64 at any temperature (float64
-    itself would lose digits to the same cancellation as float32 at high T)."""
+    itself would lose digits to the same cancellation as float32 at high T). A teacher logit of
+    ``-inf`` adds nothing (0 log 0 = 0)."""
     with decimal.localcontext() as ctx:
         ctx.prec, ctx.Emax, ctx.Emin = 120, decimal.MAX_EMAX, decimal.MIN_EMIN
         temp_d = decimal.Decimal(float(temp))
@@ -357,7 +358,8 @@ def _exact_kd(s: np.ndarray, t: np.ndarray, temp: float) -> tuple[np.ndarray, np
         values, grads = [], []
         for s_row, t_row in zip(s, t, strict=True):
             pairs = list(zip(log_softmax(s_row), log_softmax(t_row), strict=True))
-            values.append(float(temp_d**2 * sum(b.exp() * (b - a) for a, b in pairs)))
+            kl = sum(b.exp() * (b - a) for a, b in pairs if b.is_finite())
+            values.append(float(temp_d**2 * kl))
             grads.append([float(temp_d * (a.exp() - b.exp())) for a, b in pairs])
     return np.array(values), np.array(grads)
 
@@ -395,6 +397,56 @@ def test_kd_kl_is_as_accurate_with_a_class_both_rule_out(temp):
     got = _KD_GRAD(s, t, temp)[0]
     np.testing.assert_array_equal(got[:, 0], 0.0)
     np.testing.assert_allclose(got[:, 1:], grad, rtol=2e-6, atol=1e-6 * np.abs(grad).max())
+
+
+# One row whose spread max_k |c_k| (c = s - t minus its teacher-weighted mean) is 25 at T = 4
+# and equals T at T = 22.15473: there kd_kl switches from the textbook form to the near form.
+_SPREAD_S = np.array([[4, 33, -12, 2, -63, 69, 8, -43, -22, -53]], np.float32)
+_SPREAD_T = np.array([[8, 23, -22, -12, -51, 56, -2, -42, -13, -45]], np.float32)
+_SWITCH_T = 22.15473
+
+
+def _assert_kd_within_the_documented_bound(s, t, temp, near):
+    """kd_kl's value and gradient against `_exact_kd`, to the bounds its docstring gives: a few
+    1e-6 relative where ``near`` (T >= max_k |c_k|), else 1e-6 relative + 1e-6 T^2 for the value
+    and 5e-7 T for each gradient entry. Returns the value's error relative to the exact one."""
+    temp = float(np.float32(temp))  # The temperature kd_kl computes with.
+    value, grad = _exact_kd(s, t, temp)
+    got, got_grad = np.asarray(_KD(s, t, temp)), np.asarray(_KD_GRAD(s, t, temp)[0])
+    if near:
+        np.testing.assert_allclose(got, value, rtol=2e-6)
+        np.testing.assert_allclose(got_grad, grad, rtol=2e-6, atol=2e-6 * np.abs(grad).max())
+    else:
+        np.testing.assert_allclose(got, value, rtol=1e-6, atol=1e-6 * temp**2)
+        np.testing.assert_allclose(got_grad, grad, rtol=0, atol=5e-7 * temp)
+    return np.abs(got - value) / value
+
+
+@pytest.mark.parametrize("near", [True, False])
+def test_kd_kl_precision_on_either_side_of_the_switch(near):
+    temp = _SWITCH_T * (1.0 + 1e-4 if near else 1.0 - 1e-4)
+    _assert_kd_within_the_documented_bound(_SPREAD_S, _SPREAD_T, temp, near)
+
+
+def test_kd_kl_error_below_the_spread_is_absolute():
+    # Below the spread, and at any T with a class only the teacher rules out, the error is up
+    # to about 1e-6 T^2 however small the loss: 6e-4 relative for a loss of 1.25e-3 at T = 4,
+    # 3% for one of 5.1 at T = 1e3 (the student gives the ruled-out class a mass of 5e-6).
+    # Should the last assertion fail for being more precise, the docstring and README can say so.
+    ruled_out_t, low_s = _SPREAD_T.copy(), _SPREAD_T.copy()
+    ruled_out_t[0, 0], low_s[0, 0] = -np.inf, -1e4
+    for s, t, temp in [(_SPREAD_S, _SPREAD_T, 4.0), (low_s, ruled_out_t, 1e3)]:
+        rel = _assert_kd_within_the_documented_bound(s, t, temp, near=False)
+        assert rel > 1e-4
+
+
+def test_kd_kl_overflows_from_1_85e19_with_a_class_only_the_teacher_rules_out():
+    t = _SPREAD_T.copy()
+    t[0, 0] = -np.inf
+    # T^2 overflows float32 from T = 1.85e19 on, whatever the loss.
+    assert np.isfinite(_KD(_SPREAD_S, t, 1.8e19)).all()
+    assert np.isinf(_KD(_SPREAD_S, t, 1.85e19)).all()
+    assert np.isnan(_KD_GRAD(_SPREAD_S, t, 1.85e19)[0]).any()
 
 
 def test_kd_kl_multi_is_weighted_sum():

@@ -389,14 +389,24 @@ def kd_kl(
     Classes the teacher rules out (logit ``-inf``) add nothing (``0 log 0 = 0``). The teacher is
     under ``stop_gradient``: gradients flow to the student only.
 
-    Precision: in float32, the value and the gradient ``T (softmax(s/T) - softmax(t/T))`` are
-    accurate to about ``1e-6`` (relative) at every temperature from ``1e-18`` to ``3.4e38``, even
-    when the student and teacher nearly agree (measured: at most ``5e-7`` against a 120-digit
-    reference, logits of scale 0.01 to 1000); results below ``1.2e-38`` (float32's smallest
-    normal number) flush to 0. Where ``T`` is at least every ``|c_k|``, with ``c = (s - t) - sum_k
-    p_k (s_k - t_k)``, ``p = softmax(t/T)``, the loss is computed as ``T^2 log sum_k p_k
-    exp(c_k / T)``: the textbook difference of two log-softmaxes would cancel there, and ``T^2``
-    would multiply its rounding.
+    Precision in float32 depends on whether ``T`` is at least every ``|c_k|``, with ``c = (s -
+    t) - sum_k p_k (s_k - t_k)`` and ``p = softmax(t/T)`` (always so at high temperatures;
+    measured against exact references, logits of scale 0.1 to 1000, 10 to 10 000 classes):
+
+    * ``T >= max_k |c_k|``: the value and the gradient ``T (softmax(s/T) - softmax(t/T))`` are
+      accurate to a few ``1e-6`` (relative; the gradient relative to its largest entry), even
+      when the student and teacher nearly agree (measured: at most ``3e-6``). The loss is
+      computed there as ``T^2 log sum_k p_k exp(c_k / T)``: the textbook difference of two
+      log-softmaxes would cancel, and ``T^2`` would multiply its rounding.
+    * ``T < max_k |c_k|``, and at any ``T`` for a row with a class that only the teacher rules
+      out: that textbook form is used, and its error does not shrink with the loss. The value
+      is off by up to about ``1e-6 T^2`` besides ``1e-6`` relative (measured: ``3e-7 T^2`` with
+      10 classes, ``7e-7 T^2`` with 10 000; e.g. ``1.2533e-3`` for ``1.2541e-3`` at ``T = 4``),
+      each entry of the gradient by up to about ``5e-7 T``.
+
+    With a class that only the teacher rules out, the loss is ``inf`` (its gradient NaN) from
+    ``T = 1.85e19`` on, where ``T^2`` exceeds float32's range. Results below ``1.2e-38``
+    (float32's smallest normal number) flush to 0.
 
     Args:
       student_logits: ``[B, K]`` (any leading batch shape).
