@@ -463,10 +463,11 @@ def test_kd_kl_multi_is_weighted_sum():
 
 def test_huge_teacher_weights_are_normalised_without_overflow():
     # Only their ratios matter. In float32 the sum of [3e38, 3e38] overflowed to inf (both
-    # weights became 0: no KD term), and 1e39 itself was inf (NaN).
+    # weights became 0: no KD term), and 1e39 itself was inf (NaN). Python ints beyond int32
+    # were an OverflowError naming no argument.
     s, t1, t2 = _logits(0), _logits(1), _logits(2)
     uniform = kd_kl_multi(s, [t1, t2], temperature=2.0)
-    for huge in ([3e38, 3e38], np.array([1e39, 1e39])):
+    for huge in ([3e38, 3e38], np.array([1e39, 1e39]), [2**40, 2**40], [10**30, 10**30]):
         np.testing.assert_allclose(kd_kl_multi(s, [t1, t2], temperature=2.0, weights=huge), uniform)
     loss, _ = weckd_loss(
         s, _labels(0), label_mask=MASK, teacher_logits=[t1, t2], teacher_weights=[3e38, 1e38]
@@ -1346,6 +1347,16 @@ ERRORS = [
     ("w alpha huge int", _w(alpha=10**400), r"alpha must be in \[0, 1\], got inf"),
     ("ce smoothing huge int", lambda: cross_entropy(S2, Y2, label_smoothing=10**400), r"\[0, 1\)"),
     ("map p huge int", lambda: attention_map(F2, p=10**400), "p must be"),
+    (
+        "multi w huge int",
+        lambda: kd_kl_multi(S2, [T2] * 2, temperature=1.0, weights=[10**400, 1]),
+        r"weights must be finite, >= 0 and not all zero, got \[inf, 1.0\]",
+    ),
+    (
+        "w teacher weights huge negative int",
+        _w(teacher_logits=[T2, T2], teacher_weights=[1, -(10**400)]),
+        r"teacher_weights must be finite, >= 0 and not all zero, got \[1.0, -inf\]",
+    ),
     (
         "schedule step None",
         lambda: temperature_schedule("linear", t_max=2.0, t_min=1.0, total_steps=4)(None),

@@ -535,6 +535,9 @@ def _check_teacher_weights(weights: Any, num_teachers: int, name: str) -> jax.Ar
     uniform). The cores normalise again (traced weights), which leaves these unchanged."""
     if weights is None:
         return None
+    if _is_seq(weights):  # Python ints as floats (+-inf beyond float64's range, refused below):
+        # JAX reads one beyond int32 as an OverflowError that names no argument.
+        weights = [_concrete(w) if type(w) is int else w for w in weights]
     _check_array(name, weights, f"{num_teachers} non-negative weights, one per teacher")
     if _shape(weights) != (num_teachers,):
         raise ValueError(
