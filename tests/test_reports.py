@@ -505,11 +505,13 @@ def test_a_metrics_log_cut_short_is_ended_and_its_damaged_lines_are_kept(tmp_pat
     log.write(records[1])
     log.close()
     assert path.read_text() == lines[0] + lines[1]
-    # A whole record without its newline only gets one.
+    # A whole record without its newline only gets one; so does a last line that is JSON but no
+    # record (edited by hand): only a line that is no JSON at all is a write cut short.
     said.clear()
-    path.write_text(lines[0] + lines[1].rstrip("\n"))
-    MetricsLog(str(tmp_path), said.append).close()
-    assert (path.read_text(), said) == (lines[0] + lines[1], [])
+    for last in (lines[1], '{"note": "edited"}\n', "[2]\n"):
+        path.write_text(lines[0] + last.rstrip("\n"))
+        MetricsLog(str(tmp_path), said.append).close()
+        assert (path.read_text(), said) == (lines[0] + last, [])
     # A line edited by hand (or damaged) is kept as it is, and left out of TensorBoard, when a
     # resumed job drops its records past its checkpoint.
     path.write_text(lines[0] + "not a record\n" + lines[1] + "[2]\n" + lines[2])

@@ -60,9 +60,10 @@ class MetricsLog:
     def _end_last_line(self) -> None:
         """Ends ``metrics.jsonl`` with a newline, as every record does, when a write was cut
         short there (by a full disk, or in an interrupted copy of the run's folder): the next
-        record would otherwise be appended to the piece it left. A whole record only gets its
-        newline; a piece of one is dropped, with a warning (its epoch is logged again only if the
-        job resumes before that epoch)."""
+        record would otherwise be appended to the piece it left. A line that is whole JSON (a
+        record, or a line edited by hand) only gets its newline; one that is no JSON is the piece
+        of a record (no piece of a JSON object is JSON) and is dropped, with a warning (its epoch
+        is logged again only if the job resumes before that epoch)."""
         try:
             with open(self.path, "rb") as f:
                 text = f.read()
@@ -71,7 +72,7 @@ class MetricsLog:
         if not text or text.endswith(b"\n"):
             return
         last = text[text.rfind(b"\n") + 1 :]
-        if _record(last) is not None:
+        if _is_json(last):
             with open(self.path, "ab") as f:
                 f.write(b"\n")
             return
@@ -82,6 +83,14 @@ class MetricsLog:
             "short (a full disk, or an interrupted copy of the run's folder): dropped "
             f"({len(last)} bytes)"
         )
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 def _record(line: bytes) -> dict | None:
