@@ -11,6 +11,8 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from tests.conftest import REPO, run_python, signal_when, smoke_config
 from weckd_jax import chain, checkpoints, cli, files, parallel, train
@@ -269,6 +271,27 @@ def test_each_tool_runs_the_config_file_once(tmp_path):
 
     assert evaluate.main(["prog", "--config", str(config_file), "--config.seed=3"]) == 2
     assert counter.read_text() == "ran\n"
+
+
+def test_a_config_given_twice_is_refused_before_either_file_runs(tmp_path):
+    counter = tmp_path / "runs.txt"
+    argv = ["prog"]
+    for name in ("a.py", "b.py"):
+        (tmp_path / name).write_text(
+            textwrap.dedent(f"""
+                from weckd_jax.config import base_config
+                def get_config():
+                    with open({str(counter)!r}, "a") as f:
+                        f.write({name!r} + "\\n")
+                    return base_config()
+            """)
+        )
+        argv.append(f"--config={tmp_path / name}")
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
+    with pytest.raises(ConfigError, match=r"^--config is given 2 times \(.*a\.py, .*b\.py\)"):
+        cli.parse_config_flags(values, argv)
+    assert not counter.exists()
 
 
 def test_an_override_naming_no_key_is_named_with_its_close_match():

@@ -211,14 +211,15 @@ def parse_config_flags(values: flags.FlagValues, argv: list[str]) -> list[str]:
       The arguments left after the flags (``argv[0]`` first).
 
     Raises:
-      ConfigError: the config file or an override, naming the problem and the fix.
+      ConfigError: the config file or an override, naming the problem and the fix; ``--config``
+        given twice, before either file runs.
     """
+    path = config_path(argv)  # Before absl parses: a second --config would run both files.
     try:
         rest = values(argv)
     except Exception:
         _raise_config_problem(values, argv)
         raise
-    path = config_path(argv)
     if path is not None:
         config = values["config"].value
         if not isinstance(config, ConfigDict):
