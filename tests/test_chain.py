@@ -793,9 +793,9 @@ def test_a_baseline_finished_in_any_seed_may_not_be_switched_off(tmp_path):
     assert str(error.value).endswith("--config.baselines.same_fraction=True")
     final.rmdir()  # only its in-training checkpoints: it may be switched off
     assert chain.check_workdir(config, str(tmp_path)) == [
-        f"note: baselines.same_fraction is switched off: it never finished in {tmp_path}, so no "
-        "results lose it; its in-training checkpoints, if any, are kept, and switching it on "
-        "again resumes it"
+        f"note: baselines.same_fraction is switched off: it never finished in {tmp_path} or any "
+        "of its seeds, so no results lose it; its in-training checkpoints, if any, are kept, and "
+        "switching it on again resumes it"
     ]
 
 

@@ -688,12 +688,14 @@ def _idle_baselines(saved: dict, config) -> list[str]:
     ]
 
 
-def _unfinished_drops(saved: dict, now: dict, workdir: str) -> tuple[list[str], dict[str, str]]:
+def _unfinished_drops(
+    saved: dict, now: dict, workdir: str, seeds: list[str]
+) -> tuple[list[str], dict[str, str]]:
     """The `config.dropped_baselines` (on in ``saved``, the record of ``workdir``; off ``now``)
-    that have not finished in ``workdir`` nor in any ``seed_<s>/`` run of it: no results reported
-    them, so they may be switched off (their jobs change no other). Also, for each one that has
-    finished, why switching it off is refused."""
-    folders = [workdir] + [os.path.join(workdir, name) for name in seed_names(workdir)]
+    that have not finished in ``workdir`` nor in any of its ``seeds`` (its ``seed_<s>/`` runs):
+    no results reported them, so they may be switched off (their jobs change no other). Also,
+    for each one that has finished, why switching it off is refused."""
+    folders = [workdir] + [os.path.join(workdir, name) for name in seeds]
     unfinished, finished = [], {}
     for key in config_lib.dropped_baselines(saved, now):
         done = [f for f in folders if _finished(f, key.split(".", 1)[1])]
@@ -783,15 +785,17 @@ def check_workdir(config, workdir: str) -> list[str]:
     saved = config_lib.with_added_keys(files.load_json(path, config_lib.ConfigError, _LOST_RECORD))
     now = config_lib.as_json(config)
     idle = _idle_baselines(saved, config)
-    dropped, finished = _unfinished_drops(saved, now, workdir)
+    seeds = seed_names(workdir)
+    dropped, finished = _unfinished_drops(saved, now, workdir, seeds)
     allowed = config_lib.added_baselines(saved, now) + idle + dropped
     keys = [key for key in config_lib.differing_keys(saved, now) if key not in allowed]
     if saved.get("seeds") and config_lib.seed_list(config):
         # A multi-seed experiment may gain or drop seeds: each seed_<s>/ is checked on its own.
         keys = [key for key in keys if key != "seeds"]
     if not keys:
+        where = f"{workdir} or any of its seeds" if seeds else workdir
         return [
-            f"note: {key} is switched off: it never finished in {workdir}, so no results lose "
+            f"note: {key} is switched off: it never finished in {where}, so no results lose "
             "it; its in-training checkpoints, if any, are kept, and switching it on again "
             "resumes it"
             for key in dropped
