@@ -472,8 +472,8 @@ def validate(config, workdir: str | None = None, *, trains: bool = True) -> None
         value = c.distill[key]
         need(
             low <= value <= high,
-            f"distill.{key}={value} must be in [{low:g}, {high:g}] (a temperature; typical "
-            "values are 1 to 20)",
+            f"distill.{key}={value} must be in {losses.TEMPERATURE_RANGE_TEXT} (a temperature; "
+            "typical values are 1 to 20)",
         )
     need(
         c.distill.t_max >= c.distill.t_min,

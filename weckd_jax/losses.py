@@ -155,6 +155,8 @@ def _check_scalar(name: str, value: Any) -> None:
 # The temperatures kd_kl is accurate for: below 1e-18, T^2 underflows float32 (the loss and its
 # gradient come out 0 or NaN); above float32's largest number, T itself is inf.
 TEMPERATURE_RANGE = (1e-18, float(jnp.finfo(jnp.float32).max))
+# The range as error messages print it: "[1e-18, 3.4e+38]".
+TEMPERATURE_RANGE_TEXT = "[{:g}, {:.3g}]".format(*TEMPERATURE_RANGE)
 
 
 def _check_temperature(temperature: ScalarLike, name: str = "temperature") -> None:
@@ -164,7 +166,7 @@ def _check_temperature(temperature: ScalarLike, name: str = "temperature") -> No
     low, high = TEMPERATURE_RANGE
     if t is not None and not low <= t <= high:
         raise ValueError(
-            f"{name} must be a number in [{low:g}, {high:.3g}] (where float32 computes the "
+            f"{name} must be a number in {TEMPERATURE_RANGE_TEXT} (where float32 computes the "
             f"distillation loss accurately), got {t:g}. Pass e.g. {name}=2.0 (1.0 = no "
             "softening; Hinton et al. use 2-20)."
         )
