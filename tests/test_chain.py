@@ -493,16 +493,23 @@ def test_resuming_on_the_same_examples_with_other_pixels_warns(smoke_run, tmp_pa
     assert warning.startswith("warning: the images decode to other pixels")
 
 
-def test_a_multi_seed_experiment_reloads_its_seeds_and_may_gain_one(smoke_run, tmp_path):
-    from weckd_jax import config as config_lib
-
-    base, workdir, single = smoke_run
-    shutil.copytree(workdir, tmp_path / "seed_0")  # seed 0 of the experiment, finished
+def _one_seed_experiment(smoke_run, folder: pathlib.Path):
+    """A multi-seed experiment (``seeds = "0"``) in ``folder`` whose seed 0 is the finished
+    smoke run, copied, run once by `chain.run_seeds`: it reloads the seed and binds the
+    experiment (its config.json and summary). Returns the config and the summary."""
+    base, workdir, _ = smoke_run
+    shutil.copytree(workdir, folder / "seed_0")
     config = copy.deepcopy(base)
     with config.unlocked():
         config.seeds = "0"
-    one = chain.run_seeds(config, str(tmp_path), Progress(enabled=False))
-    last = single["links"][-1]["test"]["accuracy"]
+    return config, chain.run_seeds(config, str(folder), Progress(enabled=False))
+
+
+def test_a_multi_seed_experiment_reloads_its_seeds_and_may_gain_one(smoke_run, tmp_path):
+    from weckd_jax import config as config_lib
+
+    config, one = _one_seed_experiment(smoke_run, tmp_path)
+    last = smoke_run[2]["links"][-1]["test"]["accuracy"]
     assert one["seeds"] == [0] and one["links"][-1]["test"]["accuracy"]["values"] == [last]
     first_summary = (tmp_path / "summary.json").read_text()
 
@@ -712,12 +719,7 @@ def test_a_baseline_switched_on_in_a_finished_run_trains_alone(
 
 
 def test_a_multi_seed_experiment_may_gain_a_baseline(smoke_run, tmp_path):
-    base, workdir, _ = smoke_run
-    shutil.copytree(workdir, tmp_path / "seed_0")
-    config = copy.deepcopy(base)
-    with config.unlocked():
-        config.seeds = "0"
-    chain.run_seeds(config, str(tmp_path), Progress(enabled=False))  # binds the experiment
+    config, _ = _one_seed_experiment(smoke_run, tmp_path)
     config.baselines.same_fraction = True
     summary = chain.run_seeds(config, str(tmp_path), Progress(enabled=False))
     assert list(summary["baselines"]) == ["same_fraction", "union_supervised", "full_supervised"]
@@ -809,12 +811,7 @@ def test_a_multi_seed_experiment_records_a_gained_baseline_wherever_the_run_stop
     # the one before.
     from weckd_jax import config as config_lib
 
-    base, workdir, _ = smoke_run
-    shutil.copytree(workdir, tmp_path / "seed_0")
-    config = copy.deepcopy(base)
-    with config.unlocked():
-        config.seeds = "0"
-    chain.run_seeds(config, str(tmp_path), Progress(enabled=False))  # binds the experiment
+    config, _ = _one_seed_experiment(smoke_run, tmp_path)
     folders = (tmp_path, tmp_path / "seed_0")
     before = [json.loads((folder / "config.json").read_text()) for folder in folders]
 
