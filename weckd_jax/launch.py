@@ -71,6 +71,10 @@ def main(argv: list[str]) -> None:
             _PROCESS_ID.value,
             multihost=_MULTIHOST.value,
         )
+        # Inside: with several processes, naming the default folder waits for process 0's clock.
+        workdir = _WORKDIR.value or default_workdir(
+            config_flags.get_config_filename(flags.FLAGS["config"])
+        )
     except ValueError as e:
         cli.fail(str(e))
     except KeyboardInterrupt:
@@ -78,9 +82,6 @@ def main(argv: list[str]) -> None:
             "nothing was written; this process was still waiting for the run's other processes "
             "to join"
         )
-    workdir = _WORKDIR.value or default_workdir(
-        config_flags.get_config_filename(flags.FLAGS["config"])
-    )
     if problem := cli.workdir_problem(workdir):
         cli.fail(problem)
     try:
