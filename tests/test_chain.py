@@ -622,32 +622,52 @@ def test_a_damaged_in_training_checkpoint_is_named_with_the_fix_that_resumes(tmp
     assert [link["name"] for link in results["links"]] == ["link_1", "link_2"]
 
 
+def _cut(text: bytes) -> bytes:
+    """A file cut short, as by a full disk or an interrupted copy."""
+    return text[:100]
+
+
+_RECORD_FIX = (
+    "restore it from a backup, or move it aside and rerun the same command, which evaluates "
+    "link_2 again from its final checkpoint and writes the record anew"
+)
+
+
 @pytest.mark.parametrize(
     ("damaged", "content", "problem", "fix"),
     [
         (
             "config.json",
-            "cut",
+            _cut,
             "cannot be read as JSON",
             "restore it from a backup, or use a new --workdir (the run cannot resume without "
             "it: it records the config and data the run started with)",
         ),
         (
             "data.json",
-            b"[]",
+            lambda _: b"[]",
             "holds a JSON array, not the JSON object weckd_jax wrote: it was edited",
             "restore it from a backup, or use a new --workdir (the run cannot resume without "
             "it: it records the config and data the run started with)",
         ),
         (
             os.path.join("jobs", "link_2.json"),
-            "cut",
+            _cut,
             "cannot be read as JSON",
-            "restore it from a backup, or move it aside and rerun the same command, which "
-            "evaluates link_2 again from its final checkpoint and writes the record anew",
+            _RECORD_FIX,
+        ),
+        (
+            # Edited, or written by an older version: named, not a KeyError where results read it.
+            os.path.join("jobs", "link_2.json"),
+            lambda text: json.dumps(
+                {k: v for k, v in json.loads(text).items() if k != "val"}
+            ).encode(),
+            "lacks 'val', which weckd_jax reads from it: it was edited, or written by another "
+            "version of weckd_jax",
+            _RECORD_FIX,
         ),
     ],
-    ids=["config", "data", "record"],
+    ids=["config", "data", "record", "record-without-a-key"],
 )
 def test_a_damaged_file_of_a_run_is_named_with_the_fix_and_kept(
     smoke_run, tmp_path, damaged, content, problem, fix
@@ -660,9 +680,7 @@ def test_a_damaged_file_of_a_run_is_named_with_the_fix_and_kept(
         shutil.copy(os.path.join(workdir, name), tmp_path)
     shutil.copytree(os.path.join(workdir, "jobs"), tmp_path / "jobs")
     path = tmp_path / damaged
-    if content == "cut":
-        content = path.read_bytes()[:100]
-    path.write_bytes(content)
+    path.write_bytes(content(path.read_bytes()))
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     smoke = os.path.join(REPO, "configs", "smoke.py")
     out = run_python("-m", "weckd_jax.launch", "--config", smoke, f"--workdir={tmp_path}")

@@ -248,6 +248,29 @@ def test_a_damaged_file_of_the_run_is_named_with_the_fix_and_kept(
     assert path.read_text() == text
 
 
+@pytest.mark.parametrize("damaged, key", [("config.json", "model")], ids=["config"])
+def test_a_record_of_the_run_without_a_key_read_from_it_is_named_with_the_fix_and_kept(
+    smoke_run, tmp_path, capsys, damaged, key
+):
+    # Edited by hand, or written by another version: one line, not a KeyError where it is read.
+    _, workdir, _ = smoke_run
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("evaluations"))
+    path = run / damaged
+    record = json.loads(path.read_text())
+    del record[key]
+    text = json.dumps(record)
+    path.write_text(text)
+    smoke = os.path.join(REPO, "configs", "smoke.py")
+    argv = ["evaluate", "--workdir", str(run), "--config", smoke, "--name=site"]
+    assert evaluate.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: {path} lacks {key!r}, which weckd_jax reads from it: it was edited, or written "
+        f"by another version of weckd_jax; {_LOST_RECORD}\n"
+    )
+    assert path.read_text() == text
+
+
 @pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])
 def test_help_prints_the_usage(flag, capsys):
     assert evaluate.main(["evaluate", flag]) == 0

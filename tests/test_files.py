@@ -178,3 +178,24 @@ def test_load_json_names_a_damaged_file_with_the_fix_and_keeps_it(tmp_path):
     with pytest.raises(Refused) as e:
         files.load_json(str(path), Refused, "FIX")
     assert str(e.value) == f"{path} cannot be read (Is a directory); FIX"
+
+
+def test_load_json_names_the_required_keys_a_record_lacks_and_keeps_it(tmp_path):
+    # A record edited by hand, or written by a version that did not record a key its reader needs:
+    # one line naming the file, the keys and the fix, not a KeyError where the key is read.
+    class Refused(Exception):
+        pass
+
+    path = tmp_path / "results.json"
+    path.write_text('{"links": [], "seed": 0}')
+    assert files.load_json(str(path), Refused, "FIX", required=("links", "seed")) == {
+        "links": [],
+        "seed": 0,
+    }
+    with pytest.raises(Refused) as e:
+        files.load_json(str(path), Refused, "FIX", required=("links", "data", "runtime"))
+    assert str(e.value) == (
+        f"{path} lacks 'data', 'runtime', which weckd_jax reads from it: it was edited, or "
+        "written by another version of weckd_jax; FIX"
+    )
+    assert path.read_text() == '{"links": [], "seed": 0}'

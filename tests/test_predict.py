@@ -404,6 +404,30 @@ def test_an_unfinished_run_or_a_search_names_the_fix(tmp_path):
     )
 
 
+def test_a_results_file_without_the_keys_read_from_it_names_them_with_the_fix(tmp_path):
+    # Edited by hand, or written by another version: one line, not a KeyError where it is read.
+    fix = (
+        "restore it from a backup, or move it aside and rerun the launch command that made the "
+        f"run (e.g. --config configs/from_run.py:{tmp_path} --workdir {tmp_path}), which writes "
+        "it anew from the finished links' records"
+    )
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"links": []}))
+    with pytest.raises(predict.PredictError) as e:
+        predict.load_results(str(tmp_path))
+    assert str(e.value) == (
+        f"{path} lacks 'data', which weckd_jax reads from it: it was edited, or written by "
+        f"another version of weckd_jax; {fix}"
+    )
+    path.write_text(json.dumps({"links": [], "data": {"class_names": ["a"]}}))
+    with pytest.raises(predict.PredictError) as e:
+        predict.load_results(str(tmp_path))
+    assert str(e.value) == (
+        f"{path} lacks data.image_size, data.channels, which weckd_jax reads from it: it was "
+        f"edited, or written by another version of weckd_jax; {fix}"
+    )
+
+
 def test_images_in_linked_folders_are_found_as_training_finds_them(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

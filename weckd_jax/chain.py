@@ -976,13 +976,16 @@ def _run(config, workdir: str, progress: Progress, *, use_test: bool, on_epoch) 
     records, test_probs = {}, {}
     metrics_log = MetricsLog(workdir, progress.print, enabled=writer)
     reloaded_all = True
+    # The keys of a finished job's record that the results, the report and the tables read.
+    required = ("name", "backbone", "n_train", "n_labelled", "val", *(["test"] if use_test else []))
     for job in jobs:
         record_path = _record_path(workdir, job.name)
         fix = (
             "restore it from a backup, or move it aside and rerun the same command, which "
             f"evaluates {job.name} again from its final checkpoint and writes the record anew"
         )
-        if (record := files.load_json(record_path, checkpoints.CheckpointError, fix)) is not None:
+        record = files.load_json(record_path, checkpoints.CheckpointError, fix, required)
+        if record is not None:
             records[job.name] = record
             progress.print(f"{job.name}: finished earlier, results reloaded")
             continue

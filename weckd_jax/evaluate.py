@@ -298,7 +298,13 @@ def evaluate_workdir(
     trained_names = list(trained["class_names"])
     size, channels = int(trained["image_size"]), int(trained["channels"])
 
-    run_config = files.load_json(os.path.join(workdir, "config.json"), EvaluateError, _LOST_RECORD)
+    # The keys read from the run's config: its model, and its data and splits for the overlap.
+    run_config = files.load_json(
+        os.path.join(workdir, "config.json"),
+        EvaluateError,
+        _LOST_RECORD,
+        required=("seed", "data", "model", "chain"),
+    )
     config = config.copy_and_resolve_references()
     with config.unlocked():
         if run_config is not None:

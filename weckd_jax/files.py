@@ -107,14 +107,17 @@ def read_json(path: str):
         return None
 
 
-def load_json(path: str, error: type[Exception], fix: str) -> dict | None:
+def load_json(
+    path: str, error: type[Exception], fix: str, required: tuple[str, ...] = ()
+) -> dict | None:
     """The JSON object in ``path``, a file weckd_jax wrote (a run's ``config.json``, a finished
     link's record, ...), or None when there is no file. Unlike `read_json`, a damaged file is an
     error, never taken for a missing one (which could have it overwritten).
 
     Raises:
       error: ``path`` cannot be read, holds no JSON (e.g. cut short by a full disk or an
-        interrupted copy) or a JSON value that is no object (e.g. edited by hand); the one-line
+        interrupted copy), a JSON value that is no object (e.g. edited by hand), or an object
+        that lacks one of the top-level keys ``required`` (see `require_keys`); the one-line
         message names the file and the problem, then ``fix`` (which should keep the file).
     """
     try:
@@ -131,11 +134,29 @@ def load_json(path: str, error: type[Exception], fix: str) -> dict | None:
         )
     else:
         if isinstance(value, dict):
-            return value
+            return require_keys(value, path, required, error, fix)
         problem = (
             f"holds {_JSON_KINDS[type(value)]}, not the JSON object weckd_jax wrote: it was edited"
         )
     raise error(f"{path} {problem}; {fix}")
+
+
+def require_keys(
+    record: dict, path: str, required: tuple[str, ...], error: type[Exception], fix: str
+) -> dict:
+    """``record``, the JSON object read from ``path``, once it has every top-level key of
+    ``required`` (which its reader reads unconditionally).
+
+    Raises:
+      error: a key is missing (the file was edited, or written by a version of weckd_jax that
+        did not record it); the one-line message names the file and the keys, then ``fix``.
+    """
+    if missing := [key for key in required if key not in record]:
+        raise error(
+            f"{path} lacks {', '.join(repr(key) for key in missing)}, which weckd_jax reads from "
+            f"it: it was edited, or written by another version of weckd_jax; {fix}"
+        )
+    return record
 
 
 # What each value `json.load` gives besides a dict is, in JSON's words.

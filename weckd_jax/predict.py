@@ -130,11 +130,13 @@ def load_results(workdir: str) -> dict:
         f"run (e.g. --config configs/from_run.py:{workdir} --workdir {workdir}), which writes it "
         "anew from the finished links' records"
     )
-    results = files.load_json(path, PredictError, fix)
-    data = results.get("data", {})
-    missing = [k for k in ("class_names", "image_size", "channels") if k not in data]
-    if "links" not in results or missing:
-        raise PredictError(f"{path} is not a weckd_jax results file (no links or data entries)")
+    results = files.load_json(path, PredictError, fix, required=("links", "data"))
+    data = results["data"]
+    if missing := [k for k in ("class_names", "image_size", "channels") if k not in data]:
+        raise PredictError(
+            f"{path} lacks {', '.join(f'data.{k}' for k in missing)}, which weckd_jax reads from "
+            f"it: it was edited, or written by another version of weckd_jax; {fix}"
+        )
     return results
 
 
