@@ -220,7 +220,7 @@ _LOST_RECORD = (
             "anew from the finished links' records",
         ),
         ("config.json", _LOST_RECORD),
-        ("data.json", _LOST_RECORD),  # read once the data is loaded
+        ("data.json", _LOST_RECORD),
         (
             os.path.join("evaluations", "site-test.json"),
             "pass --name NAME to keep it and write this evaluation beside it, or move it aside",
@@ -229,9 +229,11 @@ _LOST_RECORD = (
     ids=["results", "config", "data", "evaluation"],
 )
 def test_a_damaged_file_of_the_run_is_named_with_the_fix_and_kept(
-    smoke_run, tmp_path, capsys, damaged, fix
+    smoke_run, tmp_path, capsys, monkeypatch, damaged, fix
 ):
-    # Cut short, e.g. by a full disk or an interrupted copy of the run's folder.
+    # Cut short, e.g. by a full disk or an interrupted copy of the run's folder: named before
+    # the (possibly long) data load.
+    monkeypatch.setattr(evaluate.data_lib, "load", _not_loaded)
     _, workdir, _ = smoke_run
     run = tmp_path / "run"
     shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("evaluations"))
@@ -248,11 +250,19 @@ def test_a_damaged_file_of_the_run_is_named_with_the_fix_and_kept(
     assert path.read_text() == text
 
 
-@pytest.mark.parametrize("damaged, key", [("config.json", "model")], ids=["config"])
+def _not_loaded(*_, **__):
+    raise AssertionError("the data was loaded before the run's files were checked")
+
+
+@pytest.mark.parametrize(
+    "damaged, key", [("config.json", "model"), ("data.json", "pixels")], ids=["config", "data"]
+)
 def test_a_record_of_the_run_without_a_key_read_from_it_is_named_with_the_fix_and_kept(
-    smoke_run, tmp_path, capsys, damaged, key
+    smoke_run, tmp_path, capsys, monkeypatch, damaged, key
 ):
-    # Edited by hand, or written by another version: one line, not a KeyError where it is read.
+    # Edited by hand, or written by another version: one line, not a KeyError where it is read,
+    # and before the data load.
+    monkeypatch.setattr(evaluate.data_lib, "load", _not_loaded)
     _, workdir, _ = smoke_run
     run = tmp_path / "run"
     shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("evaluations"))
@@ -286,7 +296,7 @@ def test_changed_data_under_the_run_config_is_flagged_not_counted(smoke_run):
     index = np.arange(len(data))
     grown = data.take(np.concatenate([index, index[:1]]))  # an image added to the folder
     record, note = evaluate._overlap(
-        workdir, run_config, run_config, grown, index, chain.data_record(grown)
+        evaluate._run_data(workdir), run_config, run_config, grown, index, chain.data_record(grown)
     )
     assert record == {"same_data_as_run": False, "in_run_train_pool": None, "in_run_val": None}
     assert "changed since the run" in note
@@ -295,7 +305,12 @@ def test_changed_data_under_the_run_config_is_flagged_not_counted(smoke_run):
     images[0, 0, 0, 0] ^= 1
     repixelled = dataclasses.replace(data, images=images)
     record, note = evaluate._overlap(
-        workdir, run_config, run_config, repixelled, index, chain.data_record(repixelled)
+        evaluate._run_data(workdir),
+        run_config,
+        run_config,
+        repixelled,
+        index,
+        chain.data_record(repixelled),
     )
     splits = chain.make_run_splits(config, data)
     assert record == {
@@ -352,7 +367,12 @@ def test_the_overlap_with_the_run_is_counted_on_its_own_splits_or_left_unknown(
     repixelled = dataclasses.replace(data, images=images)
     index = np.arange(len(data))
     record, note = evaluate._overlap(
-        str(tmp_path), run_config, other, repixelled, index, chain.data_record(repixelled)
+        evaluate._run_data(str(tmp_path)),
+        run_config,
+        other,
+        repixelled,
+        index,
+        chain.data_record(repixelled),
     )
     if note_says is None:
         assert record == {
@@ -485,5 +505,7 @@ def test_the_runs_folder_spelt_otherwise_is_still_the_runs_data_source(smoke_run
     data = data_lib.load(config.data, seed=config.seed)
     index = np.arange(len(data))
     grown = data.take(np.concatenate([index, index[:1]]))
-    _, note = evaluate._overlap(workdir, run_config, now, grown, index, chain.data_record(grown))
+    _, note = evaluate._overlap(
+        evaluate._run_data(workdir), run_config, now, grown, index, chain.data_record(grown)
+    )
     assert "changed since the run" in note

@@ -129,23 +129,38 @@ def _same_path(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _run_data(workdir: str) -> dict | None:
+    """The ``data.json`` of the run in ``workdir`` (`chain.data_record`), read before the data is
+    loaded so that a damaged one stops the command first; None when the run predates it (no file,
+    or one written before its ``examples`` digest, which came with ``pixels``)."""
+    path = os.path.join(workdir, "data.json")
+    saved = files.load_json(path, EvaluateError, _LOST_RECORD)
+    if saved is None or "examples" not in saved:
+        return None
+    return files.require_keys(saved, path, ("pixels",), EvaluateError, _LOST_RECORD)
+
+
 def _overlap(
-    workdir: str, run_config: dict | None, config_json: dict, data, index: np.ndarray, digests: dict
+    saved: dict | None,
+    run_config: dict | None,
+    config_json: dict,
+    data,
+    index: np.ndarray,
+    digests: dict,
 ):
-    """What the run in ``workdir`` did with ``data.images[index]``, and a note when that is unknown.
+    """What the run did with ``data.images[index]``, and a note when that is unknown.
 
     Returns ``(overlap, note)``: ``overlap`` holds ``same_data_as_run`` and the counts
     ``in_run_train_pool`` and ``in_run_val`` (evaluated images the run trained on, or chose its
     epochs on; ``None`` when unknown). The data is the run's own when its ``digests`` (
-    `chain.data_record`) equal those in the run's ``data.json`` -- or, if only the pixels
-    differ (another CPU, numpy or Pillow version), when this config names the same source. The
-    run's splits are then recomputed from its saved config, so another split, seed or fraction in
-    the evaluation config cannot hide an overlap. Other data that shares some images with the
-    run's is not detected.
+    `chain.data_record`) equal those in ``saved``, the run's ``data.json`` (`_run_data`) -- or,
+    if only the pixels differ (another CPU, numpy or Pillow version), when this config names the
+    same source. The run's splits are then recomputed from ``run_config``, its saved config, so
+    another split, seed or fraction in the evaluation config cannot hide an overlap. Other data
+    that shares some images with the run's is not detected.
     """
     unknown = {"same_data_as_run": None, "in_run_train_pool": None, "in_run_val": None}
-    saved = files.load_json(os.path.join(workdir, "data.json"), EvaluateError, _LOST_RECORD)
-    if saved is None or run_config is None or "examples" not in saved:
+    if saved is None or run_config is None:
         return unknown, (
             "this run keeps no record of its data (config.json or data.json is missing: it "
             "predates them), so whether these images overlap its training and validation images "
@@ -330,6 +345,7 @@ def evaluate_workdir(
     config_json = config_lib.as_json(config)
     # Everything the workdir alone can refuse is checked before the (possibly long) data load.
     _refuse_overwrite(path, config_json, split)
+    run_data = _run_data(workdir)
     mesh = parallel.data_mesh()
     shape = (size, size, channels)
     restored = [
@@ -351,7 +367,7 @@ def evaluate_workdir(
         raise EvaluateError(f"the {split} split of {name} is empty")
     digests = chain.data_record(data)
     _refuse_overwrite(path, config_json, split, digests["examples"])
-    overlap, overlap_note = _overlap(workdir, run_config, config_json, data, index, digests)
+    overlap, overlap_note = _overlap(run_data, run_config, config_json, data, index, digests)
     if overlap["same_data_as_run"] is False:
         _refuse_run_manifest_elsewhere(run_config, config)
     # The new data in the trained class order: probabilities column k = trained class k.
