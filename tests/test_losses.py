@@ -475,6 +475,19 @@ def test_huge_teacher_weights_are_normalised_without_overflow():
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
 
+def test_nested_lists_holding_ints_beyond_int32_are_named_with_the_fix():
+    # JAX raised an OverflowError naming no argument.
+    with pytest.raises(ValueError) as e:
+        kd_kl([[2**40, 1.0]], [[0.0, 1.0]], temperature=2.0)
+    assert str(e.value) == (
+        "student_logits must be an array of shape [B, K] (batch, classes), got a list holding an "
+        "integer beyond int32: write it as a float (e.g. 2.0**40), or pass a float array."
+    )
+    s, t1, t2 = _logits(0), _logits(1), _logits(2)
+    with pytest.raises(ValueError, match=r"^weights must be 2 non-negative weights, one per "):
+        kd_kl_multi(s, [t1, t2], temperature=2.0, weights=[[2**40], [1]])
+
+
 def test_a_teacher_weighted_zero_adds_exactly_nothing_even_when_broken():
     s, t = _logits(0), _logits(1)
     broken_logits = np.full_like(t, np.inf)

@@ -97,18 +97,29 @@ def _describe(x: Any) -> str:
 
 
 def _check_array(name: str, x: Any, expected: str) -> None:
-    """`ValueError` naming ``name`` unless ``x`` is an array, a number or a nested list of them.
+    """`ValueError` naming ``name`` unless ``x`` is an array, a number or a nested list of them
+    (a list's Python ints within int32).
 
-    JAX's own errors for ``None``, a string or a ragged list name no argument.
+    JAX's own errors for ``None``, a string, a ragged list or a list's int beyond int32 name no
+    argument.
     """
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return
+    if isinstance(x, int):  # Beyond int32 too: a number, range-checked where it is read.
+        return
     try:
         jnp.asarray(x)
-    except OverflowError:  # A Python int beyond int32: a number all the same.
-        return
+    except OverflowError:  # An int beyond int32 in a list: named below.
+        pass
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be {expected}, got {_describe(x)}.") from None
+    # JAX reads a list's Python ints as int32 (even beside floats): an OverflowError naming no
+    # argument for one beyond it.
+    if any(type(v) is int and not -(2**31) <= v < 2**31 for v in jax.tree.leaves(x)):
+        raise ValueError(
+            f"{name} must be {expected}, got a {type(x).__name__} holding an integer beyond int32: "
+            "write it as a float (e.g. 2.0**40), or pass a float array."
+        )
 
 
 def _concrete(x: Any) -> float | None:
