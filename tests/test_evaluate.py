@@ -229,21 +229,13 @@ _LOST_RECORD = (
     ids=["results", "config", "data", "evaluation"],
 )
 def test_a_damaged_file_of_the_run_is_named_with_the_fix_and_kept(
-    smoke_run, tmp_path, capsys, monkeypatch, damaged, fix
+    smoke_run, tmp_path, capsys, damaged, fix
 ):
     # Cut short, e.g. by a full disk or an interrupted copy of the run's folder: named before
     # the (possibly long) data load.
-    monkeypatch.setattr(evaluate.data_lib, "load", _not_loaded)
-    _, workdir, _ = smoke_run
     run = tmp_path / "run"
-    shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("evaluations"))
+    text = _evaluate_with(smoke_run, run, damaged, lambda: (run / "results.json").read_text()[:100])
     path = run / damaged
-    path.parent.mkdir(exist_ok=True)
-    text = (run / "results.json").read_text()[:100]
-    path.write_text(text)
-    smoke = os.path.join(REPO, "configs", "smoke.py")
-    argv = ["evaluate", "--workdir", str(run), "--config", smoke, "--name=site"]
-    assert evaluate.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path} cannot be read as JSON ("), err
     assert err.endswith(f"; {fix.format(run=run)}\n") and err.count("\n") == 1, err
@@ -254,26 +246,38 @@ def _not_loaded(*_, **__):
     raise AssertionError("the data was loaded before the run's files were checked")
 
 
+def _evaluate_with(smoke_run, run, name: str, new_text) -> str:
+    """Copies the smoke run to ``run``, writes ``new_text()`` to its file ``name``, evaluates it
+    (with the data load failing if reached) and checks the exit status 2; returns the text."""
+    _, workdir, _ = smoke_run
+    shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("evaluations"))
+    (run / name).parent.mkdir(exist_ok=True)
+    text = new_text()
+    (run / name).write_text(text)
+    smoke = os.path.join(REPO, "configs", "smoke.py")
+    argv = ["evaluate", "--workdir", str(run), "--config", smoke, "--name=site"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate.data_lib, "load", _not_loaded)
+        assert evaluate.main(argv) == 2
+    return text
+
+
 @pytest.mark.parametrize(
     "damaged, key", [("config.json", "model"), ("data.json", "pixels")], ids=["config", "data"]
 )
 def test_a_record_of_the_run_without_a_key_read_from_it_is_named_with_the_fix_and_kept(
-    smoke_run, tmp_path, capsys, monkeypatch, damaged, key
+    smoke_run, tmp_path, capsys, damaged, key
 ):
     # Edited by hand, or written by another version: one line, not a KeyError where it is read,
     # and before the data load.
-    monkeypatch.setattr(evaluate.data_lib, "load", _not_loaded)
-    _, workdir, _ = smoke_run
-    run = tmp_path / "run"
-    shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("evaluations"))
-    path = run / damaged
-    record = json.loads(path.read_text())
-    del record[key]
-    text = json.dumps(record)
-    path.write_text(text)
-    smoke = os.path.join(REPO, "configs", "smoke.py")
-    argv = ["evaluate", "--workdir", str(run), "--config", smoke, "--name=site"]
-    assert evaluate.main(argv) == 2
+    run, path = tmp_path / "run", tmp_path / "run" / damaged
+
+    def without_key() -> str:
+        record = json.loads(path.read_text())
+        del record[key]
+        return json.dumps(record)
+
+    text = _evaluate_with(smoke_run, run, damaged, without_key)
     assert capsys.readouterr().err == (
         f"error: {path} lacks {key!r}, which weckd_jax reads from it: it was edited, or written "
         f"by another version of weckd_jax; {_LOST_RECORD}\n"
