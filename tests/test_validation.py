@@ -485,6 +485,42 @@ def test_ctrl_c_stops_launch_in_one_line_and_keeps_the_workdir(tmp_path):
     assert (workdir / "config.json").exists()
 
 
+STARTING_TOOLS = {  # each tool's arguments, enough to start it
+    "launch": ["--config", "configs/smoke.py", "--workdir", "w"],
+    "tune": ["--config", "configs/smoke.py", "--workdir", "w", "--trials=1"],
+    "evaluate": ["--config", "configs/smoke.py", "--workdir", "w"],
+    "predict": ["--workdir", "w", "--images", "README.md"],
+    "bench": ["--config", "configs/smoke.py"],
+}
+
+
+@pytest.mark.parametrize("tool", sorted(STARTING_TOOLS))
+def test_ctrl_c_while_a_tool_loads_jax_exits_with_one_line(tool, tmp_path):
+    # The tool run as `python -m`, with a Ctrl-C the moment it imports JAX (a second or two
+    # after it starts): Python's default printed a traceback, or lost the interrupt inside a
+    # garbage-collection callback of JAX and went on.
+    code = textwrap.dedent(f"""
+        import os, runpy, signal, sys
+
+        class CtrlCOnJax:
+            def find_spec(self, name, path=None, target=None):
+                if name == "jax":
+                    os.kill(os.getpid(), signal.SIGINT)
+                return None
+
+        sys.meta_path.insert(0, CtrlCOnJax())
+        sys.argv = ["{tool}", *{STARTING_TOOLS[tool]!r}]
+        os.chdir({str(tmp_path)!r})
+        runpy.run_module("weckd_jax.{tool}", run_name="__main__", alter_sys=True)
+    """)
+    env = {**os.environ, "PYTHONPATH": REPO}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert (out.returncode, out.stderr) == (130, "interrupted: nothing was written\n")
+    assert os.listdir(tmp_path) == []
+
+
 def test_ctrl_c_during_an_xla_compilation_exits_with_130_at_once(tmp_path):
     # The compiler goes on in its own thread after the KeyboardInterrupt: an interpreter teardown
     # under it waited for the compilation to end, then crashed (SIGSEGV/SIGABRT, not 130).

@@ -21,6 +21,9 @@ Example, the ResNet-18 used to compare frameworks:
 
 from __future__ import annotations
 
+from weckd_jax import startup  # noqa: F401 - first: a Ctrl-C while JAX loads ends in one line
+
+# isort: split
 import dataclasses
 import resource
 import statistics

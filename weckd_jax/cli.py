@@ -16,9 +16,8 @@ from absl import flags
 from ml_collections import ConfigDict, config_flags
 
 from weckd_jax import config as config_lib
-from weckd_jax import distributed, files
-
-INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as shells report it
+from weckd_jax import distributed, files, startup
+from weckd_jax.startup import INTERRUPTED
 
 
 def fail(message: str) -> None:
@@ -31,7 +30,9 @@ def keep_interrupts() -> None:
     """Makes sure a Ctrl-C reaches the command: Python drops an exception raised inside a
     garbage-collection callback (JAX registers one), so a KeyboardInterrupt that lands there would
     be lost and the run go on; it is delivered to the main thread again instead. Calling it
-    again (e.g. `weckd_jax.predict.main` called in one process several times) changes nothing."""
+    again (e.g. `weckd_jax.predict.main` called in one process several times) changes nothing.
+    Also ends `weckd_jax.startup`'s handling of a Ctrl-C while the command started."""
+    startup.restore()
     default = sys.unraisablehook
     if getattr(default, "keeps_interrupts", False):
         return

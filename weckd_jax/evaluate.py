@@ -38,6 +38,9 @@ on, and a note warns that such metrics are optimistic.
 
 from __future__ import annotations
 
+from weckd_jax import startup  # noqa: F401 - first: a Ctrl-C while JAX loads ends in one line
+
+# isort: split
 import os
 import sys
 import unicodedata

@@ -16,6 +16,9 @@ are kept, and rerunning the same command resumes.
 
 from __future__ import annotations
 
+from weckd_jax import startup  # noqa: F401 - first: a Ctrl-C while JAX loads ends in one line
+
+# isort: split
 import datetime
 import os
 

@@ -35,6 +35,9 @@ local devices).
 
 from __future__ import annotations
 
+from weckd_jax import startup  # noqa: F401 - first: a Ctrl-C while JAX loads ends in one line
+
+# isort: split
 import argparse
 import csv
 import dataclasses

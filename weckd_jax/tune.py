@@ -29,6 +29,9 @@ Ctrl-C stops the search with one line and exit code 130: the interrupted trial i
 
 from __future__ import annotations
 
+from weckd_jax import startup  # noqa: F401 - first: a Ctrl-C while JAX loads ends in one line
+
+# isort: split
 import copy
 import dataclasses
 import datetime
